@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (model + tokenizer) written to disk like real ones."""
+import json
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_byte_tokenizer(out_dir, chat_template=CHATML, bos="<s>", eos="<|im_end|>", pad="</s>"):
+    """A byte-level BPE tokenizer with 256 byte tokens, a few merges and the chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "t"), ("i", "n"), ("e", "r"), ("a", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "pad_token": pad, "chat_template": chat_template, "model_max_length": 4096}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok.get_vocab_size()
+
+
+def make_hf_model(kind="llama", vocab_size=300, **overrides):
+    """A tiny random transformers model (fp32, eval mode) of the given family."""
+    import transformers
+
+    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=260, eos_token_id=263, pad_token_id=261)
+    base.update(overrides)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
+    torch.manual_seed(0)
+    config = cls[0](**base)
+    config._attn_implementation = "eager"  # the plainest reference path
+    model = cls[1](config).eval()
+    with torch.no_grad():  # norms start at 1; randomise so that a swapped norm weight would be caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_checkpoint(model, out_dir, shard=True, **tok_kwargs):
+    """save_pretrained (sharded when asked, so the index path is exercised) + tokenizer files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size="100KB" if shard else "10GB")
+    write_byte_tokenizer(out_dir, **tok_kwargs)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(dir, transformers model): tiny Llama with GQA and tied embeddings, sharded."""
+    model = make_hf_model("llama", tie_word_embeddings=True)
+    return save_checkpoint(model, tmp_path_factory.mktemp("tiny_llama")), model
