@@ -1,0 +1,253 @@
+"""Evaluate a checkpoint (optionally with a LoRA adapter) on the clinical tasks, and compare two runs.
+
+    python -m minift.evaluate --task all --limit 20                      # embedded base model
+    python -m minift.evaluate --ckpt DIR --adapter runs/sft --task triage --out runs/eval/sft
+    python -m minift.evaluate --task reasoning --data medqa_test.jsonl    # real MedQA rows work too
+    python -m minift.evaluate compare runs/eval/base runs/eval/sft       # paired significance, B - A
+
+Greedy decoding with the KV cache and the chat template. Each run directory gets predictions.jsonl (one
+record per item: the raw output, the parsed answer, correctness, per-item metrics) and summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from minift.errors import MinifTError
+from minift.tasks import TASKS, get_task
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str | None = None      # HF checkpoint dir; None = embedded SmolLM2-135M-Instruct
+    adapter: str | None = None   # LoRA adapter dir (PEFT format)
+    task: str = "all"            # one task name or "all"
+    split: str = "test"          # reads data/<task>/<split>.jsonl unless --data is given
+    data: str | None = None      # a JSONL file instead of the bundled one
+    limit: int | None = None     # first N items of each task
+    batch_size: int = 8
+    out: str | None = None       # default runs/eval/<model>_<task>
+    max_new_tokens: int | None = None  # default: the task's own
+
+
+# ---------------------------------------------------------------------------------------------- data
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    if not path.is_file():
+        raise MinifTError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise MinifTError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise MinifTError(f"{path}: no rows (empty file)")
+    return rows
+
+
+def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
+    """{task name: validated test rows}, each row with an id. Errors name the file and line."""
+    names = list(TASKS) if cfg.task == "all" else [get_task(cfg.task).name]
+    sources = {n: DATA_DIR / n / f"{cfg.split}.jsonl" for n in names}
+    if cfg.data:  # one file; rows say their task (or all belong to the one asked for)
+        sources = {"*": Path(cfg.data)}
+    out: dict[str, list[dict]] = {}
+    for key, path in sources.items():
+        for n, row in read_jsonl(path):
+            where = f"{path}:{n}"
+            name = row.get("task") if isinstance(row, dict) else None
+            if key != "*":
+                name = key
+            elif name is None:
+                if cfg.task == "all":
+                    raise MinifTError(f"{where}: row has no 'task' field; pass --task NAME for this file")
+                name = cfg.task
+            elif name not in TASKS:
+                raise MinifTError(f"{where}: unknown task {name!r}")
+            if cfg.task != "all" and name != cfg.task:
+                continue  # a mixed file: keep the asked-for task only
+            task = TASKS[name]
+            row = task.normalize_row(row, where)
+            task.check_row(row, where)
+            row = dict(row, id=str(row.get("id", where)))
+            if cfg.limit is None or len(out.get(name, [])) < cfg.limit:
+                out.setdefault(name, []).append(row)
+    if not out:
+        raise MinifTError(f"{cfg.data}: no rows for task {cfg.task!r}")
+    return out
+
+
+def messages(row: dict) -> list[dict]:
+    return [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+
+
+# ---------------------------------------------------------------------------------------------- model
+def load_model(cfg: EvalConfig):
+    if cfg.ckpt is not None:
+        ckpt = Path(cfg.ckpt)
+        if not ckpt.is_dir():
+            raise MinifTError(f"{ckpt}: checkpoint directory not found")
+        if not (ckpt / "tokenizer.json").is_file():
+            raise MinifTError(f"{ckpt}: no tokenizer.json (evaluation needs the checkpoint's tokenizer)")
+    import minift
+
+    model, tok = minift.load(cfg.ckpt)
+    if cfg.adapter:
+        if not Path(cfg.adapter).is_dir():
+            raise MinifTError(f"{cfg.adapter}: adapter directory not found")
+        from minift.lora import load_adapter
+
+        load_adapter(model, cfg.adapter)
+    return model.eval(), tok
+
+
+def generate_all(model, tok, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers for all rows; batches of similar length, so little padding is computed."""
+    from minift.generate import generate
+
+    prompts = [tok.encode_chat(messages(r), add_generation_prompt=True) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+    outs: list[str] = [""] * len(rows)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        new = generate(model, tok, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0)
+        for i, ids in zip(idx, new):
+            outs[i] = tok.decode(ids, skip_special_tokens=True).strip()
+    return outs
+
+
+def run_name(cfg: EvalConfig) -> str:
+    model = Path(cfg.adapter or cfg.ckpt).name if (cfg.adapter or cfg.ckpt) else "base"
+    return f"{model}_{cfg.task}"
+
+
+def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict:
+    """Run the evaluation; write predictions.jsonl and summary.json; return the summary."""
+    items = load_items(cfg)  # validate data before the (slow) model load
+    if model is None:
+        model, tok = load_model(cfg)
+    out = Path(cfg.out or Path("runs") / "eval" / run_name(cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"config": asdict(cfg), "tasks": {}}
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for name, rows in items.items():
+            task = TASKS[name]
+            t0 = time.perf_counter()
+            texts = generate_all(model, tok, rows, cfg.max_new_tokens or task.max_new_tokens, cfg.batch_size)
+            seconds = time.perf_counter() - t0
+            records = []
+            for row, text in zip(rows, texts):
+                rec = {"task": name, "id": row["id"], "output": text, **task.score(row, text)}
+                records.append(rec)
+                f.write(json.dumps(rec) + "\n")
+            summary["tasks"][name] = {
+                "n": len(records), **task.metrics(records), "seconds": round(seconds, 1),
+                "unparsed": [r["id"] for r in records if not r["parsed"]]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["out"] = str(out)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def read_run(run: str) -> dict[tuple[str, str], dict]:
+    path = Path(run) / "predictions.jsonl" if Path(run).is_dir() else Path(run)
+    return {(r["task"], r["id"]): r for _, r in read_jsonl(path)}
+
+
+def compare(run_a: str, run_b: str, n_boot: int = 10000, seed: int = 0) -> list[dict]:
+    """Paired tests of B - A per task and metric, on the items both runs share (they must be the same)."""
+    a, b = read_run(run_a), read_run(run_b)
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))[:3]
+        raise MinifTError(f"{run_a} and {run_b} were evaluated on different items (e.g. {only}); "
+                          "evaluate both on the same data and --limit")
+    results = []
+    for name in dict.fromkeys(k[0] for k in a):  # tasks in file order
+        keys = [k for k in a if k[0] == name]
+        for res in get_task(name).paired_tests([a[k] for k in keys], [b[k] for k in keys], n_boot, seed):
+            results.append({"task": name, **res})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"evaluation -> {summary.get('out', '')}")
+    for col in ("task", "n", "metrics", "unparsed", "seconds"):
+        table.add_column(col)
+    for name, s in summary["tasks"].items():
+        mets = "  ".join(f"{k}={v:.3f}" for k, v in s.items() if k not in ("n", "seconds", "unparsed"))
+        table.add_row(name, str(s["n"]), mets, str(len(s["unparsed"])), f"{s['seconds']:.1f}")
+    Console().print(table)
+
+
+def print_compare(results: list[dict], run_a: str, run_b: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"B - A   (A = {run_a}, B = {run_b})")
+    for col in ("task", "metric", "test", "n", "A", "B", "B - A", "95% CI", "p"):
+        table.add_column(col)
+    for r in results:
+        ci = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if "ci_low" in r else f"n10={r['n10']} n01={r['n01']}"
+        table.add_row(r["task"], r["metric"], r["test"], str(r["n"]), f"{r['a']:.3f}", f"{r['b']:.3f}",
+                      f"{r['diff']:+.3f}", ci, f"{r['p_value']:.4f}")
+    Console().print(table)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "compare":
+        ap = argparse.ArgumentParser(prog="python -m minift.evaluate compare",
+                                     description="Paired significance of run B versus run A (same items).")
+        ap.add_argument("run_a")
+        ap.add_argument("run_b")
+        ap.add_argument("--n-boot", type=int, default=10000)
+        ap.add_argument("--seed", type=int, default=0)
+        ap.add_argument("--out", default=None, help="also write the results as JSON here")
+        args = ap.parse_args(argv[1:])
+        results = compare(args.run_a, args.run_b, args.n_boot, args.seed)
+        print_compare(results, args.run_a, args.run_b)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        return
+    ap = argparse.ArgumentParser(prog="python -m minift.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default=None, help="HF checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", default=None, help="LoRA adapter dir (PEFT format)")
+    ap.add_argument("--task", default="all", help=f"one of {', '.join(TASKS)}, or all")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--data", default=None, help="JSONL file instead of data/<task>/<split>.jsonl")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--out", default=None, help="output dir (default: runs/eval/<model>_<task>)")
+    args = ap.parse_args(argv)
+    if args.task != "all":
+        get_task(args.task)  # unknown task: a clear error before anything else
+    if args.limit is not None and args.limit < 1:
+        raise MinifTError(f"--limit must be at least 1, got {args.limit}")
+    cfg = EvalConfig(args.ckpt, args.adapter, args.task, args.split, args.data, args.limit, args.batch_size,
+                     args.out, args.max_new_tokens)
+    summary = evaluate(cfg)
+    print_summary(summary)
+    for name, s in summary["tasks"].items():
+        if s["unparsed"]:
+            print(f"{name}: {len(s['unparsed'])} unparseable answers (counted wrong): "
+                  f"{', '.join(s['unparsed'][:10])}{' ...' if len(s['unparsed']) > 10 else ''}")
+
+
+if __name__ == "__main__":
+    from minift.errors import run_cli
+
+    run_cli(main)

@@ -1,0 +1,148 @@
+"""Shared pieces of the four clinical tasks: template pools split train/test, row builders in TRL's
+conversational form, text normalization, the label parser and the `Task` interface.
+
+A task module supplies `make_case(rng, split) -> Case` plus scoring; `Task.rows` turns cases into the
+bundled sft / dpo / test rows. Every prompt is unique across all three files of a task, and test cases
+are drawn only from test template pools, so a model cannot pass by memorising training sentences.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from minift.errors import MinifTError
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Phrasings of one thing: `train` ones feed sft/dpo rows, `test` ones only test rows."""
+    train: tuple
+    test: tuple
+
+    def pick(self, rng: random.Random, split: str):
+        return rng.choice(self.train if split == "train" else self.test)
+
+
+def pool(train, test) -> Pool:
+    return Pool(tuple(train), tuple(test))
+
+
+@dataclass
+class Case:
+    prompt: str                 # user message
+    answer: str                 # gold completion
+    rejected: str               # a plausible wrong completion (a confusable label, a wrong option ...)
+    fields: dict = field(default_factory=dict)  # task fields stored on test rows (label, key_facts ...)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+_NUM_WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+              "eight": "8", "nine": "9", "ten": "10", "twelve": "12"}
+
+
+def tokens(text: str) -> list[str]:
+    """Lowercase alphanumeric tokens (the ROUGE tokenization: anything else separates tokens)."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def fact_tokens(text: str) -> list[str]:
+    """Tokens for key-fact matching: number words become digits and a plural 's' is dropped
+    ("two weeks" == "2 week"), so a fact is not missed over surface form."""
+    out = []
+    for t in tokens(text):
+        t = _NUM_WORDS.get(t, t)
+        if len(t) > 3 and t.endswith("s") and not t.endswith("ss"):
+            t = t[:-1]
+        out.append(t)
+    return out
+
+
+def find_label(text: str, labels) -> str | None:
+    """The first of `labels` that occurs as a whole word (case-insensitive) in `text`, else None.
+    Longer labels are tried first at a position so "non-urgent" is not read as "urgent"."""
+    best = None
+    low = text.lower()
+    for lab in sorted(labels, key=len, reverse=True):
+        m = re.search(r"(?<![a-z0-9-])" + re.escape(lab.lower()) + r"(?![a-z0-9-])", low)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), lab)
+    return best[1] if best else None
+
+
+class Task:
+    """Interface of a clinical task. Subclasses set the class attributes and implement the methods."""
+    name: str = ""
+    max_new_tokens: int = 16
+    required: tuple = ("answer",)  # test-row fields the scorer needs besides id and prompt
+
+    # --- data -------------------------------------------------------------------------------------
+    def make_case(self, rng: random.Random, split: str) -> Case:
+        raise NotImplementedError
+
+    def rows(self, n_sft: int, n_dpo: int, n_test: int, seed: int = 0) -> dict[str, list[dict]]:
+        """sft/dpo rows from train pools, test rows from test pools; no prompt repeats anywhere."""
+        seen: set[str] = set()
+        out = {"sft": [], "dpo": [], "test": []}
+        for kind, n, split, salt in (("sft", n_sft, "train", 1), ("dpo", n_dpo, "train", 2),
+                                     ("test", n_test, "test", 3)):
+            rng = random.Random(f"{self.name}:{seed}:{salt}")  # str seeds hash the same in every process
+            tries = 0
+            while len(out[kind]) < n:
+                tries += 1
+                if tries > 50 * n + 100:
+                    raise RuntimeError(f"{self.name}: could not draw {n} distinct {kind} cases")
+                case = self.make_case(rng, split)
+                if case.prompt in seen or case.answer == case.rejected:
+                    continue
+                seen.add(case.prompt)
+                rid = f"{self.name}-{kind}-{len(out[kind]):04d}"
+                if kind == "sft":
+                    row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
+                           "completion": assistant(case.answer)}
+                elif kind == "dpo":
+                    row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
+                           "chosen": assistant(case.answer), "rejected": assistant(case.rejected)}
+                else:
+                    row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
+                           "answer": case.answer, **case.fields}
+                out[kind].append(row)
+        return out
+
+    # --- scoring ----------------------------------------------------------------------------------
+    def normalize_row(self, row: dict, where: str) -> dict:
+        """Hook for foreign row formats (reasoning reads MedQA rows); ours pass through."""
+        return row
+
+    def check_row(self, row: dict, where: str) -> None:
+        """Raise a one-line MinifTError naming `where` (file:line) if the row cannot be scored."""
+        if not isinstance(row, dict):
+            raise MinifTError(f"{where}: a test row must be a JSON object")
+        if "prompt" not in row:
+            raise MinifTError(f"{where}: missing 'prompt'")
+        p = row["prompt"]
+        if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) for m in p))):
+            raise MinifTError(f"{where}: 'prompt' must be a string or a list of messages")
+        for f in self.required:
+            if f not in row or row[f] in (None, "", [], {}):
+                raise MinifTError(f"{where}: missing '{f}' needed to score task '{self.name}'")
+
+    def score(self, row: dict, output: str) -> dict:
+        """Per-item record: parsed prediction, gold, correctness and any per-item metric."""
+        raise NotImplementedError
+
+    def metrics(self, items: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def paired_tests(self, items_a: list[dict], items_b: list[dict], n_boot: int, seed: int) -> list[dict]:
+        """Significance of B - A on aligned items: one dict per metric (see minift.stats)."""
+        raise NotImplementedError

@@ -1,0 +1,214 @@
+"""The four clinical tasks: deterministic generators, bundled files, held-out test phrasings, parsers
+and scorers (ROUGE-L against the rouge-score package)."""
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from minift.tasks import TASKS, build, classification, reasoning, summarization, triage
+from minift.tasks.base import Pool, fact_tokens, find_label
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture(scope="module")
+def built():
+    return build.build(seed=0)
+
+
+def _text(row):
+    return row["prompt"][0]["content"]
+
+
+# ------------------------------------------------------------------------------------- data files
+def test_bundled_files_equal_a_fresh_build(built):
+    for name, sets in built.items():
+        for kind, rows in sets.items():
+            path = DATA / name / f"{kind}.jsonl"
+            assert path.read_text(encoding="utf-8") == build.dumps(rows), f"{path} differs from a fresh build"
+
+
+def test_same_seed_same_bytes_other_seed_other_rows():
+    for task in TASKS.values():
+        a, b = task.rows(5, 5, 5, seed=3), task.rows(5, 5, 5, seed=3)
+        assert build.dumps(a["test"]) == build.dumps(b["test"])
+        assert build.dumps(a["sft"]) != build.dumps(task.rows(5, 5, 5, seed=4)["sft"])
+
+
+def test_row_shapes_and_sizes(built):
+    for name in TASKS:
+        s = built[name]
+        assert [len(s[k]) for k in ("sft", "dpo", "test")] == [300, 300, 120]
+        for r in s["sft"]:
+            assert r["task"] == name and r["prompt"][0]["role"] == "user"
+            assert r["completion"][0]["role"] == "assistant" and r["completion"][0]["content"]
+        for r in s["dpo"]:
+            assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
+            assert r["rejected"][0]["role"] == "assistant"
+        for r in s["test"]:
+            TASKS[name].check_row(r, "test")  # every test row can be scored
+        ids = [r["id"] for k in ("sft", "dpo", "test") for r in s[k]]
+        assert len(ids) == len(set(ids))
+    mixed = built["clinical"]
+    assert [len(mixed[k]) for k in ("sft", "dpo", "test")] == [200, 200, 80]
+    assert {r["task"] for r in mixed["test"][:4]} == set(TASKS)  # round-robin mix
+
+
+def test_labels_are_balanced_enough(built):
+    # no label may dominate a test set: a constant answer must not score well
+    for name, key in (("classification", "label"), ("reasoning", "label")):
+        counts = {}
+        for r in built[name]["test"]:
+            counts[r[key]] = counts.get(r[key], 0) + 1
+        assert max(counts.values()) / 120 < 0.5, (name, counts)
+    provs = [r["labels"]["provider"] for r in built["triage"]["test"]]
+    assert max(provs.count(p) for p in triage.PROVIDERS) / 120 < 0.4
+
+
+# ------------------------------------------------------------------------------------- held-out phrasing
+def _pools(module):
+    for v in vars(module).values():
+        if isinstance(v, Pool):
+            yield v
+        elif isinstance(v, dict):
+            yield from (p for p in v.values() if isinstance(p, Pool))
+
+
+@pytest.mark.parametrize("module", [classification, reasoning, summarization, triage])
+def test_template_pools_are_disjoint(module):
+    pools = list(_pools(module))
+    assert pools, "no template pools found"
+    for p in pools:
+        assert p.train and p.test and not set(p.train) & set(p.test)
+
+
+CASE_TEXT = {  # the case itself, without the fixed instruction shared by every prompt of a task
+    "classification": r"Note: (.*?)\n\nAnswer",
+    "reasoning": r"^(.*?)\nA\. ",
+    "summarization": r"Note:\n(.*)$",
+    "triage": r'Message: "(.*?)"\n\n',
+}
+
+
+def _sentences(text):
+    return {s.strip().lower() for s in re.split(r"[.?!](?:\s+|$)|\n", text) if len(s.split()) >= 5}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_train_and_test_share_no_case_text(built, name):
+    train = [_text(r) for k in ("sft", "dpo") for r in built[name][k]]
+    train_blob = "\n\x00".join(train)
+    train_sents = set().union(*(_sentences(re.search(CASE_TEXT[name], t, re.S).group(1)) for t in train))
+    for r in built[name]["test"]:
+        text = _text(r)
+        assert text not in train_blob  # neither equal to nor contained in any train prompt
+        case = re.search(CASE_TEXT[name], text, re.S).group(1)
+        shared = _sentences(case) & train_sents
+        assert not shared, f"{r['id']}: sentence seen in training: {shared}"
+
+
+# ------------------------------------------------------------------------------------- parsers
+def test_find_label():
+    labels = classification.LABELS
+    assert find_label("past", labels) == "past"
+    assert find_label("The answer is: Current.", labels) == "current"
+    assert find_label("absent (denied)", labels) == "absent"
+    assert find_label("It was in the past, not current", labels) == "past"  # first mention wins
+    assert find_label("I cannot tell", labels) is None
+    assert find_label("non-urgent", ("urgent", "routine")) is None  # hyphenated is not the label
+
+
+def test_parse_letter():
+    opts = {"A": "Asthma", "B": "Pulmonary embolism", "C": "Gout", "D": "Migraine", "E": "Anemia"}
+    cases = {"C": "C", "C. Gout": "C", "(B)": "B", "B) Pulmonary embolism": "B", "The answer is D.": "D",
+             "Answer: E": "E", "answer is (a)": None, "pulmonary embolism": "B",
+             "A patient with pulmonary embolism": "B", "A 40-year-old with gout": "C",
+             "I am not sure": None, "Asthma or gout": None, "**E**": "E"}
+    for text, want in cases.items():
+        assert reasoning.parse_letter(text, opts) == want, text
+
+
+def test_parse_triage():
+    cases = {"provider: nurse; urgency: urgent": ("nurse", "urgent"),
+             "Provider: Pharmacist\nUrgency: Routine": ("pharmacist", "routine"),
+             "The pharmacist should answer; it is not urgent.": ("pharmacist", "routine"),
+             "scheduling, non-urgent": ("scheduling", "routine"),
+             "provider: doctor; urgency: urgent": ("physician", "urgent"),
+             "Hello! How can I help?": (None, None)}
+    for text, want in cases.items():
+        assert triage.parse(text) == want, text
+
+
+def test_medqa_rows_are_read(tmp_path):
+    p = tmp_path / "medqa.jsonl"
+    p.write_text(json.dumps({"question": "Which vitamin?", "options": {"A": "B12", "B": "C", "C": "D", "D": "K"},
+                             "answer_idx": "D", "answer": "K"}) + "\n")
+    (row,) = reasoning.load_medqa(str(p))
+    assert row["label"] == "D" and row["answer"] == "D. K" and "D. K" in _text(row)
+    assert TASKS["reasoning"].score(row, "D")["correct"]
+
+
+# ------------------------------------------------------------------------------------- scorers
+SENTENCES = [
+    ("The cat sat on the mat.", "The cat lay on a mat!"),
+    ("67-year-old man with pneumonia. Started amoxicillin 1 g three times daily.",
+     "A 67 year old man has community-acquired pneumonia; he started amoxicillin."),
+    ("Follow up with cardiology in 2 weeks.", "follow up in two weeks with cardiology, 2 weeks"),
+    ("a b c d e f", "f e d c b a"),
+    ("repeat repeat repeat word", "repeat word repeat"),
+    ("Atrial fibrillation (AF) on apixaban 5 mg.", "Nothing relevant here."),
+    ("Hemoglobin A1c of 8.9% noted.", "hemoglobin a1c 8 9 percent"),
+    ("Short.", "short"),
+]
+
+
+def test_rouge_l_equals_rouge_score():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(0)
+    words = "the patient with fever and cough started on drug follow up in weeks".split()
+    pairs = SENTENCES + [(" ".join(rng.choices(words, k=rng.randint(3, 15))),
+                          " ".join(rng.choices(words, k=rng.randint(1, 15)))) for _ in range(40)]
+    for ref, pred in pairs:
+        want = scorer.score(ref, pred)["rougeL"].fmeasure
+        assert summarization.rouge_l(ref, pred) == pytest.approx(want, abs=1e-12), (ref, pred)
+    assert summarization.rouge_l("text", "") == 0.0
+
+
+def test_fact_recall():
+    facts = ["community-acquired pneumonia", "amoxicillin", "primary care 2 weeks"]
+    assert summarization.fact_recall(facts, "Community acquired pneumonia on amoxicillin; "
+                                            "see primary care in two weeks.") == 1.0
+    assert summarization.fact_recall(facts, "Pneumonia, started amoxicillin.") == pytest.approx(1 / 3)
+    assert fact_tokens("Three Days") == ["3", "day"]
+
+
+def test_scoring_gold_is_perfect_and_rejected_is_not(built):
+    for name, task in TASKS.items():
+        test = built[name]["test"][:30]
+        gold = [dict(task.score(r, r["answer"]), id=r["id"]) for r in test]
+        assert all(i["correct"] for i in gold), name
+        m = task.metrics(gold)
+        assert min(m.values()) == pytest.approx(1.0), (name, m)
+        # a DPO rejected answer scores below its chosen answer
+        for r in built[name]["dpo"][:30]:
+            chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+            if name == "summarization":
+                assert summarization.rouge_l(chosen, rejected) < 1.0
+            elif name == "triage":
+                assert triage.parse(chosen) != triage.parse(rejected)
+            elif name == "reasoning":
+                assert chosen[0] != rejected[0]
+            else:
+                assert find_label(chosen, classification.LABELS) != find_label(rejected, classification.LABELS)
+
+
+def test_prompts_are_short(built):
+    # ~4 characters per token for this English text: stay well under ~150 tokens (summaries: notes ~250)
+    limits = {"classification": 600, "reasoning": 650, "triage": 600, "summarization": 1000}
+    for name, lim in limits.items():
+        for k in ("sft", "test"):
+            assert max(len(_text(r)) for r in built[name][k]) < lim, (name, k)
