@@ -1,0 +1,250 @@
+"""SFT and DPO losses against transformers (fp64 log-softmax of the HF model's logits) and TRL's own loss code.
+
+The policy is our tiny Llama with a LoRA adapter whose B factors are random (so policy != reference); the HF
+policy is the HF model with each adapter delta (scaling * B @ A) added into its weight, the HF reference is the
+HF model itself. Tolerance 1e-5 (rtol and atol): our path runs in fp32, the references in fp64; sequence sums
+of ~10 log-probs of magnitude ~6 keep ~1e-6 relative error in fp32.
+"""
+import copy
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+from minift import batching, data, lora, losses
+from minift.checkpoint import load_model, to_hf_name
+from minift.reference import Reference
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+BETA = 3.5  # large: the tiny random model's log-ratios are small (|delta| < 1); this puts beta*delta at
+# [0.6, 1.2, -2.1] for the pairs below, so the losses are in their nonlinear range and hinge's relu clips one pair
+LAYOUT_CONCAT, LAYOUT_SHARED = "concat", "shared_prompt"
+
+
+def make_pairs(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.randint(0, 256, (k,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for i in range(n):
+        prompt, chosen, rejected = rand(4 + 2 * i), rand(3 + i), rand(6 - i)
+        rejected[0] = chosen[0]  # a shared first completion token, as in real pairs
+        pairs.append(data.PrefExample(prompt, chosen, rejected))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama):
+    ckpt, hf = tiny_llama
+    model = load_model(ckpt)  # fp32
+    lora.apply_lora(model, "all-linear", r=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora.lora_modules(model):
+            w = m.lora_B["default"].weight
+            w.copy_(0.1 * torch.randn(w.shape, generator=g))  # a nonzero starting adapter
+    hf_policy, hf_ref = copy.deepcopy(hf).double(), copy.deepcopy(hf).double()
+    with torch.no_grad():
+        for path, m in lora.lora_modules(model):
+            hf_policy.get_parameter(to_hf_name(path) + ".weight").add_(m.delta("default").double())
+    pairs = make_pairs()
+    return model, hf_policy, hf_pairs(hf_policy, pairs), hf_pairs(hf_ref, pairs), pairs
+
+
+def hf_sequence(hf_model, prompt, completion):
+    """(sum of log p, sum over positions of the mean-over-vocab logit, n tokens), all fp64, from full logits."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0].double()  # (T, V)
+    pos = torch.arange(len(prompt) - 1, ids.shape[1] - 1)  # the positions that predict the completion
+    logp = torch.log_softmax(logits[pos], -1).gather(1, ids[0, pos + 1, None]).squeeze(1)
+    return logp.sum(), logits[pos].mean(-1).sum(), len(completion)
+
+
+def hf_pairs(hf_model, pairs):
+    """[2P] per-sequence fp64 log-probs, mean-logit sums and token counts (chosen first)."""
+    rows = [hf_sequence(hf_model, e.prompt_ids, getattr(e, key)) for key in ("chosen_ids", "rejected_ids")
+            for e in pairs]
+    return [torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in range(3)]
+
+
+def trl_loss(hf_policy, pairs, ref, loss_types, loss_weights, beta, eps):
+    """TRL 1.16's own DPOTrainer._compute_loss on the HF policy, with precomputed reference log-probs.
+
+    It is an unbound method: a namespace with the attributes it reads stands in for the trainer."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = copy.deepcopy(hf_policy)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    rows = [e.prompt_ids + e.chosen_ids for e in pairs] + [e.prompt_ids + e.rejected_ids for e in pairs]
+    plen = [len(e.prompt_ids) for e in pairs] * 2
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b, (r, lp) in enumerate(zip(rows, plen)):  # right padding, as TRL's collator does
+        ids[b, :len(r)], attn[b, :len(r)], comp[b, lp:len(r)] = torch.tensor(r), 1, 1
+    P = len(pairs)
+    inputs = dict(input_ids=ids, attention_mask=attn, completion_mask=comp,
+                  ref_chosen_logps=ref[:P], ref_rejected_logps=ref[P:])
+    acc = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    fake = types.SimpleNamespace(
+        model=model, accelerator=acc, ld_alpha=None, precompute_ref_logps=True, aux_loss_enabled=False,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, beta=beta, loss_types=loss_types,
+        loss_weights=loss_weights, label_smoothing=eps, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, ref_model=None, args=None)
+    with torch.no_grad():
+        loss = DPOTrainer._compute_loss(fake, model, inputs, False)
+    mode = "train" if model.training else "eval"
+    return float(loss), {k: v[-1] for k, v in fake._metrics[mode].items()}
+
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "logits/chosen", "logits/rejected")
+
+
+def ours(model, pairs, loss, eps=0.0, sft_weight=0.0, layout=LAYOUT_CONCAT, backward=False):
+    batch = batching.dpo_batch(pairs, layout)
+    ref = Reference("adapters-off", model).logps(batch)
+    cfg = types.SimpleNamespace(beta=BETA, loss=loss, label_smoothing=eps, sft_weight=sft_weight)
+    loss_sum, P, sums = losses.dpo_step(model, batch, ref, cfg)
+    if backward:
+        model.zero_grad(set_to_none=True)
+        (loss_sum / P).backward()
+    return loss_sum.detach() / P, {k: float(v) / P for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("loss,eps,sft_weight", [("sigmoid", 0.0, 0.0), ("ipo", 0.0, 0.0), ("hinge", 0.0, 0.0),
+                                                  ("robust", 0.1, 0.0), ("sigmoid", 0.0, 0.5)])
+def test_dpo_matches_trl_and_hf(setup, loss, eps, sft_weight):
+    model, hf_policy, (pol, logit_sums, counts), (ref, _, _), pairs = setup
+    # Independent log-probs from transformers' logits in fp64: ours must match them token sum by token sum.
+    batch = batching.dpo_batch(pairs, LAYOUT_CONCAT)
+    seq = losses.sequence_logps(model, batch)
+    torch.testing.assert_close(seq.logps.double(), pol, **TOL)
+    torch.testing.assert_close(Reference("adapters-off", model).logps(batch).double(), ref, **TOL)
+    torch.testing.assert_close(seq.n_tokens, counts.long())
+    torch.testing.assert_close(seq.mean_logits.double(), logit_sums / counts, **TOL)
+    assert (pol - ref).abs().max() > 0.1  # the adapter makes the policy differ from the reference
+
+    types_, weights = ([loss, "sft"], [1.0, sft_weight]) if sft_weight else ([loss], [1.0])
+    want_loss, want = trl_loss(hf_policy, pairs, ref, types_, weights, BETA, eps)
+    got_loss, got = ours(model, pairs, loss, eps, sft_weight)
+    assert got_loss.item() == pytest.approx(want_loss, rel=1e-5, abs=1e-5)
+    for k in METRICS:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-5), k
+
+
+def test_conservative_dpo_formula(setup):
+    """sigmoid with label_smoothing: cDPO, -(1-e) logsig(b d) - e logsig(-b d). TRL 1.16's sigmoid ignores
+    label_smoothing, so the formula is restated here (older TRL's dpo_loss "sigmoid" branch)."""
+    model, _, (pol, _, _), (ref, _, _), pairs = setup
+    P, eps = len(pairs), 0.2
+    d = BETA * ((pol[:P] - ref[:P]) - (pol[P:] - ref[P:]))
+    want = (-(1 - eps) * torch.nn.functional.logsigmoid(d) - eps * torch.nn.functional.logsigmoid(-d)).mean()
+    got, _ = ours(model, pairs, "sigmoid", eps)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+    plain, _ = ours(model, pairs, "sigmoid", 0.0)
+    assert abs(got.item() - plain.item()) > 1e-3  # label smoothing changes the loss
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_gradient_matches_autograd(setup, loss):
+    """The fused kernel's backward inside the DPO loss equals autograd through full fp64 logits."""
+    model, _, _, _, pairs = setup
+    ours(model, pairs, loss, sft_weight=0.3, backward=True)
+    got = lora_grads(model)
+    m64 = copy.deepcopy(model).double()
+    batch = batching.dpo_batch(pairs, LAYOUT_CONCAT)
+    with torch.no_grad(), lora.adapters_disabled(m64):
+        ref = naive_seq_logps(m64, batch)
+    pol = naive_seq_logps(m64, batch)
+    P = len(pairs)
+    n = torch.bincount(batch.segment, minlength=2 * P)
+    per_pair, _, _ = losses.dpo_losses(pol[:P], pol[P:], ref[:P], ref[P:], BETA, loss,
+                                       chosen_tokens=n[:P], rejected_tokens=n[P:])
+    (per_pair.mean() + 0.3 * (-pol[:P].sum() / n[:P].sum())).backward()
+    want = lora_grads(m64)
+    for k in got:  # fp32 gradients against fp64: 1e-4 relative leaves room for fp32 sums over many tokens
+        torch.testing.assert_close(got[k].double(), want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def naive_seq_logps(model, batch):
+    hidden = model(batch.ids, batch.positions, batch.mask)  # (B, T, H)
+    logits = model.lm_head(hidden).flatten(0, 1)[batch.pred_index]  # (M, V)
+    logp = torch.log_softmax(logits, -1).gather(1, batch.targets[:, None]).squeeze(1)
+    return logp.new_zeros(int(batch.n_seqs)).index_add(0, batch.segment, logp)
+
+
+def test_layouts_agree(setup):
+    """shared-prompt and concat: same per-sequence log-probs, loss, metrics and gradients (fp32, 1e-5)."""
+    model, _, _, _, pairs = setup
+    results = {}
+    for layout in (LAYOUT_CONCAT, LAYOUT_SHARED):
+        batch = batching.dpo_batch(pairs, layout)
+        seq = losses.sequence_logps(model, batch)
+        loss, metrics = ours(model, pairs, "sigmoid", sft_weight=0.2, layout=layout, backward=True)
+        results[layout] = (seq.logps.detach(), seq.n_tokens, loss, metrics, lora_grads(model))
+    (lc, nc, loss_c, met_c, grad_c), (ls, ns, loss_s, met_s, grad_s) = results.values()
+    assert batching.dpo_batch(pairs, LAYOUT_SHARED).ids.shape[0] == len(pairs)  # really one row per pair
+    torch.testing.assert_close(ls, lc, **TOL)
+    torch.testing.assert_close(ns, nc)
+    torch.testing.assert_close(loss_s, loss_c, **TOL)
+    for k in METRICS:
+        assert met_s[k] == pytest.approx(met_c[k], rel=1e-5, abs=1e-5), k
+    for k in grad_c:
+        torch.testing.assert_close(grad_s[k], grad_c[k], **TOL, msg=k)
+
+
+def test_micro_batches_sum_to_the_step(setup):
+    """Sums over two micro-batches / total pairs = one batch of all pairs (loss and metrics)."""
+    model, _, _, _, pairs = setup
+    pairs = pairs + make_pairs(1, seed=5)
+    cfg = types.SimpleNamespace(beta=BETA, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
+    ref = Reference("adapters-off", model)
+    whole = batching.dpo_batch(pairs, LAYOUT_CONCAT)
+    loss_all, n_all, _ = losses.dpo_step(model, whole, ref.logps(whole), cfg)
+    parts = [batching.dpo_batch(pairs[:2], LAYOUT_CONCAT), batching.dpo_batch(pairs[2:], LAYOUT_CONCAT)]
+    outs = [losses.dpo_step(model, b, ref.logps(b), cfg) for b in parts]
+    assert sum(o[1] for o in outs) == n_all == 4
+    torch.testing.assert_close(sum(o[0] for o in outs) / 4, loss_all / 4, **TOL)
+
+
+def test_policy_equals_reference_at_start(setup):
+    """With the adapter as its own reference, DPO starts at log 2 with zero rewards (sigmoid)."""
+    model, _, _, _, pairs = setup
+    m = copy.deepcopy(model)
+    lora.add_adapter_copy(m, "default", "reference")
+    batch = batching.dpo_batch(pairs, LAYOUT_CONCAT)
+    cfg = types.SimpleNamespace(beta=BETA, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
+    loss_sum, P, sums = losses.dpo_step(m, batch, Reference("adapter", m).logps(batch), cfg)
+    assert (loss_sum / P).item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
+    assert float(sums["rewards/margins"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sft_loss_matches_hf(setup):
+    model, hf_policy, _, _, pairs = setup
+    exs = [data.SFTExample(e.prompt_ids + e.chosen_ids, [False] * len(e.prompt_ids) + [True] * len(e.chosen_ids))
+           for e in pairs]
+    want = [hf_sequence(hf_policy, e.prompt_ids, e.chosen_ids) for e in pairs]
+    nll, n = losses.sft_loss_sum(model, batching.sft_batch(exs))
+    assert n == sum(w[2] for w in want)
+    assert nll.item() == pytest.approx(-sum(w[0] for w in want).item(), rel=1e-5)
+    mean = losses.sft_loss(model, batching.sft_batch(exs))
+    assert mean.item() == pytest.approx(nll.item() / n, rel=1e-6)
+
+
+def test_bad_inputs(setup):
+    model, _, _, _, pairs = setup
+    batch = batching.dpo_batch(pairs, LAYOUT_CONCAT)
+    cfg = types.SimpleNamespace(beta=BETA, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
+    with pytest.raises(losses.MinifTError, match=r"ref_logps must have shape \[6\]"):
+        losses.dpo_step(model, batch, torch.zeros(4), cfg)
+    with pytest.raises(losses.MinifTError, match="unknown loss type 'kto'"):
+        losses.dpo_losses(*torch.zeros(4, 2), BETA, "kto")
+    with pytest.raises(losses.MinifTError, match="ipo"):
+        losses.dpo_losses(*torch.zeros(4, 2), BETA, "ipo")
