@@ -1,0 +1,138 @@
+"""SFT and DPO runs: load the model, attach LoRA, read the data, pick the reference, and hand a recipe to the
+Trainer. `run_sft(cfg)` and `run_dpo(cfg)` are what train_sft.py and train_dpo.py call."""
+import json
+from pathlib import Path
+
+import torch
+
+from minift import lora
+from minift.batching import dpo_batch, sft_batch
+from minift.checkpoint import load
+from minift.data import read_preferences, read_sft, split_eval
+from minift.losses import dpo_step, sft_loss_sum
+from minift.reference import Reference, key_parts
+from minift.trainer import Trainer, console
+
+
+class SFTRecipe:
+    name = "sft"
+    progress_keys = ("loss", "eval/loss")
+    plot_keys = ("loss",)
+
+    def __init__(self, pad_id, device):
+        self.pad_id, self.device = pad_id, device
+
+    def make_batch(self, examples):
+        return sft_batch(examples, self.pad_id).to(self.device)
+
+    def count(self, batch):
+        return batch.n_targets  # the loss is a mean over target tokens
+
+    def loss_sums(self, model, batch):
+        loss_sum, _ = sft_loss_sum(model, batch)
+        return loss_sum, {}
+
+
+class DPORecipe:
+    """Examples are (index, PrefExample): the index finds a pair's row in a cached reference table."""
+    name = "dpo"
+    progress_keys = ("loss", "rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/margins")
+    plot_keys = ("loss", "rewards/accuracies", "rewards/margins")
+
+    def __init__(self, cfg, reference, pad_id, device):
+        self.cfg, self.reference, self.pad_id, self.device = cfg, reference, pad_id, device
+        self.layout = cfg.layout.replace("-", "_")
+
+    def make_batch(self, indexed):
+        batch = dpo_batch([ex for _, ex in indexed], self.layout, self.pad_id).to(self.device)
+        batch.ref_logps = self.reference.logps(batch, [i for i, _ in indexed])  # no grad, adapters switched
+        return batch
+
+    def count(self, batch):
+        return batch.n_seqs // 2  # the loss is a mean over pairs
+
+    def loss_sums(self, model, batch):
+        loss_sum, _, metrics = dpo_step(model, batch, batch.ref_logps, self.cfg)
+        return loss_sum, metrics
+
+
+def setup(cfg):
+    """Seed, then load the model for the configured device and dtype."""
+    torch.manual_seed(cfg.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on GPU unless asked otherwise.
+    dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16}.get(cfg.dtype) or getattr(torch, cfg.dtype)
+    model, tok = load(cfg.ckpt, dtype=dtype, device=device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, tok, device
+
+
+def split(cfg, reader, tok):
+    """(train, eval) examples: --eval-data when given, else --eval-fraction of --data."""
+    data = Path(cfg.data) if cfg.data else cfg.default_data()
+    stats = {}
+    examples = reader(data, tok, cfg.max_length, cfg.skip_bad_rows, stats)
+    if cfg.eval_data:
+        held = reader(cfg.eval_data, tok, cfg.max_length, cfg.skip_bad_rows)
+    else:
+        examples, held = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    console.print(f"data: {data} -> {len(examples)} train / {len(held)} eval examples {stats or ''}")
+    return data, examples, held
+
+
+def attach_lora(cfg, model):
+    lora.apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.rslora)
+
+
+def finish(cfg, model, tok, ckpt_name):
+    out = Path(cfg.out)
+    (out / "run_config.json").write_text(json.dumps(vars(cfg), indent=2, default=str))
+    lora.save_adapter(model, out, base_model_name_or_path=ckpt_name)
+    if cfg.merge:
+        lora.save_merged(model, tok, out / "merged")
+    console.print(f"saved adapter to {out}" + (f" and merged model to {out / 'merged'}" if cfg.merge else ""))
+
+
+def ckpt_name(cfg):
+    return str(cfg.ckpt) if cfg.ckpt else "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def run_sft(cfg):
+    model, tok, device = setup(cfg)
+    _, train, held = split(cfg, read_sft, tok)
+    attach_lora(cfg, model)
+    console.print(lora.lora_summary(model))
+    Trainer(cfg, model, SFTRecipe(tok.pad_id, device), train, held, cfg.out).fit()
+    finish(cfg, model, tok, ckpt_name(cfg))
+
+
+def run_dpo(cfg):
+    model, tok, device = setup(cfg)
+    data, train, held = split(cfg, read_preferences, tok)
+    if cfg.adapter:
+        # DPO after SFT: train the SFT adapter further; a frozen copy of it is the reference.
+        lora.load_adapter(model, cfg.adapter, trainable=True)
+        lora.add_adapter_copy(model, "default", "reference")
+        ref = cfg.ref or "adapter"
+    else:
+        attach_lora(cfg, model)
+        ref = cfg.ref or "adapters-off"
+    console.print(lora.lora_summary(model))
+    ckpt_dir = Path(cfg.ckpt) if cfg.ckpt else None
+    if ckpt_dir is None:
+        from minift.gguf import default_checkpoint
+
+        ckpt_dir = default_checkpoint()
+    parts = key_parts(data, ckpt_dir, max_length=cfg.max_length, eval_data=cfg.eval_data,
+                      eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any")
+    reference = Reference(ref, model, out_dir=cfg.out, key_parts=parts)
+    recipe = DPORecipe(cfg, reference, tok.pad_id, device)
+    # Train and eval pairs share one index space: the cached table has a row for each.
+    indexed = list(enumerate(train + held))
+    train_ix, held_ix = indexed[:len(train)], indexed[len(train):]
+    if ref == "cached":
+        chunks = [indexed[i:i + cfg.batch_size] for i in range(0, len(indexed), cfg.batch_size)]
+        reference.prepare(lambda: ((dpo_batch([e for _, e in c], recipe.layout, tok.pad_id).to(device),
+                                    [i for i, _ in c]) for c in chunks), len(indexed))
+    Trainer(cfg, model, recipe, train_ix, held_ix, cfg.out).fit()
+    finish(cfg, model, tok, ckpt_name(cfg))

@@ -1,0 +1,223 @@
+"""The training loop shared by SFT and DPO: AdamW, warmup + cosine, gradient accumulation, clipping, eval,
+atomic checkpoints with exact resume, a NaN guard, a rich progress bar and `metrics.jsonl`.
+
+A recipe (minift/recipes.py) supplies the work per micro-batch:
+    recipe.make_batch(examples) -> batch          recipe.count(batch) -> int (tokens for SFT, pairs for DPO)
+    recipe.loss_sums(model, batch) -> (loss_sum, {metric: sum})   summed, not averaged, over the micro-batch
+The loop divides every sum by the whole step's count, so 1 micro-batch of 8 and 4 of 2 give the same gradient.
+"""
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from minift.errors import MinifTError
+
+console = Console(stderr=True)
+
+
+def lr_at(step, base_lr, warmup, total, min_ratio=0.1):
+    """Linear warmup from 0 over `warmup` steps, then cosine decay to min_ratio * base_lr at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def epoch_order(n, seed, epoch):
+    """The example order of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_examples(examples, step, per_step, seed):
+    """The examples of optimizer step `step` (epochs wrap around; the last partial batch of an epoch is dropped)."""
+    steps_per_epoch = max(1, len(examples) // per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = epoch_order(len(examples), seed, epoch)
+    return [examples[i] for i in order[k * per_step:(k + 1) * per_step]]
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a half checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg, model, recipe, train_examples, eval_examples, out_dir):
+        self.cfg, self.model, self.recipe = cfg, model, recipe
+        self.train_examples, self.eval_examples = train_examples, eval_examples
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise MinifTError("no trainable parameters (LoRA targets matched no layer?)")
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.per_step = cfg.batch_size * cfg.grad_accum
+        if len(train_examples) < self.per_step:
+            raise MinifTError(f"{len(train_examples)} training examples is fewer than one step "
+                              f"(batch-size {cfg.batch_size} x grad-accum {cfg.grad_accum})")
+        steps_per_epoch = len(train_examples) // self.per_step
+        self.total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, round(0.1 * self.total_steps))
+        self.step = 0
+        self.stop_signal = None
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.ckpt_path = self.out / "checkpoint.pt"
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def save_checkpoint(self):
+        atomic_save({"step": self.step, "params": {n: p.detach().clone() for n, p in self.params.items()},
+                     "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "python_rng": random.getstate()}, self.ckpt_path)
+
+    def load_checkpoint(self):
+        if not self.ckpt_path.is_file():
+            raise MinifTError(f"{self.ckpt_path}: no checkpoint to resume from")
+        try:
+            state = torch.load(self.ckpt_path, weights_only=False)
+        except Exception as e:  # a damaged file: say which, do not guess
+            raise MinifTError(f"{self.ckpt_path}: cannot read checkpoint ({e})") from None
+        missing = set(self.params) ^ set(state["params"])
+        if missing:
+            raise MinifTError(f"{self.ckpt_path}: trainable parameters differ from this run's ({sorted(missing)[0]} ...)")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["params"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step = state["step"]
+        # Keep only the log lines of the steps the checkpoint covers: the steps after it will be run again.
+        if self.metrics_path.is_file():
+            kept = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
+            self.metrics_path.write_text("".join(l + "\n" for l in kept))
+        console.print(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    # --- one optimizer step ----------------------------------------------------------------------------------
+    def train_step(self, examples):
+        cfg = self.cfg
+        self.model.train()
+        batches = [self.recipe.make_batch(examples[i:i + cfg.batch_size])
+                   for i in range(0, len(examples), cfg.batch_size)]
+        total = sum(self.recipe.count(b) for b in batches)
+        sums, loss_sum = {}, 0.0
+        for batch in batches:
+            loss, metrics = self.recipe.loss_sums(self.model, batch)
+            (loss / total).backward()
+            loss_sum += loss.item()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        out = {"loss": loss_sum / total, **{k: v / total for k, v in sums.items()}}
+        out["tokens"] = sum(int(b.n_tokens) for b in batches)
+        return out
+
+    def run_step(self):
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.lr, self.warmup, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        out = self.train_step(step_examples(self.train_examples, self.step, self.per_step, cfg.seed))
+        if not math.isfinite(out["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise MinifTError(f"loss is {out['loss']} at step {self.step + 1}; stopped, "
+                              f"last good checkpoint kept at {self.ckpt_path}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        out.update(step=self.step, lr=lr, grad_norm=float(grad_norm), seconds=seconds,
+                   **{"tokens/s": out["tokens"] / seconds})
+        return out
+
+    @torch.no_grad()
+    def evaluate(self):
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        total, sums = 0, {}
+        for i in range(0, len(self.eval_examples), self.cfg.batch_size):
+            batch = self.recipe.make_batch(self.eval_examples[i:i + self.cfg.batch_size])
+            loss, metrics = self.recipe.loss_sums(self.model, batch)
+            total += self.recipe.count(batch)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {f"eval/{k}": v / total for k, v in sums.items()}
+
+    def log(self, record):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def fit(self):
+        cfg = self.cfg
+        if cfg.resume:
+            self.load_checkpoint()
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run starts a fresh log
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        shown = self.recipe.progress_keys
+        try:
+            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                          console=console, disable=not cfg.progress) as bar:
+                task = bar.add_task(self.recipe.name, total=self.total_steps, completed=self.step, info="")
+                if self.step == 0 and cfg.eval_every:
+                    self.log({"step": 0, **self.evaluate()})
+                while self.step < self.total_steps and self.stop_signal is None:
+                    record = self.run_step()
+                    if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                        record.update(self.evaluate())
+                    self.log(record)
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save_checkpoint()
+                    info = "  ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in shown if k in record)
+                    bar.update(task, completed=self.step, info=info)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        self.save_checkpoint()
+        if self.stop_signal is not None:
+            raise MinifTError(f"stopped by {self.stop_signal.name} at step {self.step}; "
+                              f"checkpoint saved, continue with --resume (out: {self.out})")
+        plot_curves(self.metrics_path, self.out / "curves.png", self.recipe.plot_keys)
+        return self.step
+
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signal.Signals(signum)  # finish the current step, save, then stop
+
+
+def plot_curves(metrics_path: Path, png: Path, keys):
+    """One panel per metric: the training curve and, where logged, the eval curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, style in ((key, "-"), (f"eval/{key}", "o-")):
+            pts = [(r["step"], r[name]) for r in rows if name in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=name, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,205 @@
+"""The training loop: accumulation invariance, exact resume after SIGKILL, NaN guard, signals, bad arguments."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import make_hf_model, save_checkpoint
+
+from minift import lora
+from minift.batching import dpo_batch
+from minift.checkpoint import load
+from minift.data import read_preferences, read_sft
+from minift.recipes import DPORecipe, SFTRecipe
+from minift.reference import Reference
+from minift.train_config import DPOConfig, TrainConfig, parse_config
+from minift.trainer import Trainer, lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny checkpoint and short SFT / preference files (a few dozen rows of a few tokens)."""
+    d = tmp_path_factory.mktemp("trainer")
+    ckpt = save_checkpoint(make_hf_model("llama", tie_word_embeddings=True), d / "ckpt", shard=False)
+    with open(d / "sft.jsonl", "w") as f:
+        for i in range(48):
+            f.write(json.dumps({"prompt": f"add {i} and 1", "completion": f"it is {i + 1}"}) + "\n")
+    with open(d / "dpo.jsonl", "w") as f:
+        for i in range(48):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"is {i} even?"}],
+                                "chosen": [{"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}],
+                                "rejected": [{"role": "assistant", "content": "no" if i % 2 == 0 else "yes"}]}) + "\n")
+    return d
+
+
+def grads_after_one_step(tiny, recipe_kind, batch_size, grad_accum):
+    model, tok = load(tiny / "ckpt")
+    torch.manual_seed(0)
+    lora.apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # B != 0 so that the gradient reaches A as well
+        for _, m in lora.lora_modules(model):
+            m.lora_B["default"].weight.normal_(0, 0.05)
+    if recipe_kind == "sft":
+        cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, progress=False)
+        examples = read_sft(tiny / "sft.jsonl", tok)
+        recipe = SFTRecipe(tok.pad_id, "cpu")
+    else:
+        cfg = DPOConfig(batch_size=batch_size, grad_accum=grad_accum, progress=False, sft_weight=0.0)
+        examples = list(enumerate(read_preferences(tiny / "dpo.jsonl", tok)))
+        recipe = DPORecipe(cfg, Reference("adapters-off", model), tok.pad_id, "cpu")
+    trainer = Trainer(cfg, model, recipe, examples, [], tiny / f"out_{recipe_kind}_{batch_size}")
+    out = trainer.train_step(examples[:8])
+    return out, {n: p.grad.clone() for n, p in trainer.params.items()}
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_gradient_accumulation_does_not_depend_on_the_split(tiny, kind):
+    out1, g1 = grads_after_one_step(tiny, kind, batch_size=8, grad_accum=1)
+    out4, g4 = grads_after_one_step(tiny, kind, batch_size=2, grad_accum=4)
+    # fp32 rounding: the same sums taken in a different order (padding to different lengths changes nothing
+    # numerically for real tokens, but the matmuls see other shapes). Gradients here are ~1e-2.
+    assert out1["loss"] == pytest.approx(out4["loss"], rel=1e-5)
+    for n in g1:
+        torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 1.0, warmup=4, total=20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] > 0.1 - 1e-9 and lrs[-1] < 0.2
+
+
+def cli(script, *args, **kw):
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, **kw)
+
+
+def losses(metrics):
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_identical_losses(tiny):
+    common = ["--ckpt", tiny / "ckpt", "--data", tiny / "sft.jsonl", "--max-steps", 10, "--batch-size", 2,
+              "--lora-dropout", 0.1, "--eval-every", 0, "--save-every", 5, "--no-progress"]
+    straight = cli("train_sft.py", *common, "--out", tiny / "straight")
+    assert straight.returncode == 0, straight.stderr
+    want = losses(tiny / "straight" / "metrics.jsonl")
+    assert sorted(want) == list(range(1, 11))
+
+    out = tiny / "killed"
+    proc = subprocess.Popen([sys.executable, "train_sft.py", *map(str, common), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 once step 7 is logged: the step-5 checkpoint is the last complete one
+        if (out / "metrics.jsonl").exists() and max(losses(out / "metrics.jsonl"), default=0) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
+    resumed = cli("train_sft.py", *common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    got = losses(out / "metrics.jsonl")
+    assert got == want  # bit-identical: same data order, RNG state (dropout) and optimizer state
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, monkeypatch, tmp_path):
+    model, tok = load(tiny / "ckpt")
+    lora.apply_lora(model, "q_proj", r=2, alpha=4)
+    cfg = TrainConfig(batch_size=4, max_steps=6, save_every=2, eval_every=0, progress=False)
+    recipe = SFTRecipe(tok.pad_id, "cpu")
+    examples = read_sft(tiny / "sft.jsonl", tok)
+    trainer = Trainer(cfg, model, recipe, examples, [], tmp_path)
+    real = recipe.loss_sums
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, m = real(model, batch)
+        return (loss * float("nan"), m) if calls["n"] == 3 else (loss, m)
+
+    monkeypatch.setattr(recipe, "loss_sums", poisoned)
+    from minift.errors import MinifTError
+
+    with pytest.raises(MinifTError, match="loss is nan at step 3"):
+        trainer.fit()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tiny):
+    out = tiny / "term"
+    proc = subprocess.Popen([sys.executable, "train_sft.py", "--ckpt", str(tiny / "ckpt"), "--data",
+                             str(tiny / "sft.jsonl"), "--max-steps", "1000", "--batch-size", "2", "--eval-every",
+                             "0", "--save-every", "0", "--no-progress", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and losses(out / "metrics.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "SIGTERM" in err and "Traceback" not in err
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert step == max(losses(out / "metrics.jsonl"))
+
+
+BAD_ARGS = [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--grad-accum", "-1"], "--grad-accum"),
+    (["--lr", "-1"], "--lr"),
+    (["--max-length", "0"], "--max-length"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--eval-fraction", "1.0"], "--eval-fraction"),
+    (["--data", "/no/such.jsonl"], "/no/such.jsonl"),
+    (["--ckpt", "/no/such/dir"], "/no/such/dir"),
+    (["--device", "tpu"], "--device"),
+    (["--lora-targets", "wq"], "wq"),
+    (["--resume"], "checkpoint"),
+]
+DPO_BAD_ARGS = [
+    (["--beta", "0"], "--beta"),
+    (["--label-smoothing", "0.7"], "--label-smoothing"),
+    (["--ref", "adapter"], "--adapter"),
+    (["--adapter", "/no/adapter"], "/no/adapter"),
+    (["--loss", "kto"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("script,args,fragment", [("train_sft.py", a, f) for a, f in BAD_ARGS]
+                         + [("train_dpo.py", a, f) for a, f in DPO_BAD_ARGS])
+def test_bad_arguments_give_one_line_errors(tiny, tmp_path, capsys, script, args, fragment):
+    """In-process (the same run_cli wrapper as the command line, without paying for a new interpreter each)."""
+    import importlib
+
+    from minift.errors import run_cli
+
+    main = importlib.import_module(script.removesuffix(".py")).main
+    data = tiny / ("sft.jsonl" if script == "train_sft.py" else "dpo.jsonl")
+    argv = ["--ckpt", tiny / "ckpt", "--data", data, "--out", tmp_path / "out", "--no-progress", "--max-steps", 1]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: main([str(a) for a in argv + args]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err and fragment in err
+    assert "error:" in err.strip().splitlines()[-1]  # argparse: "PROG: error: ...", ours: "error: ..."
+
+
+def test_malformed_data_through_the_cli(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
+    run = cli("train_sft.py", "--ckpt", tiny / "ckpt", "--data", bad, "--out", tmp_path / "o", "--no-progress")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"{bad}:2" in run.stderr
+
+
+def test_config_flags_mirror_the_dataclass():
+    cfg = parse_config(DPOConfig, ["--lora-r", "8", "--no-progress", "--layout", "concat"])
+    assert (cfg.lora_r, cfg.progress, cfg.layout, cfg.beta) == (8, False, "concat", 0.1)
