@@ -232,6 +232,8 @@ def truncate_pref(ex, max_length):
     room = max_length - len(ex.prompt_ids)
     if room < 1:
         return None
+    if len(ex.chosen_ids) <= room and len(ex.rejected_ids) <= room:
+        return ex  # nothing to cut: the same object, so the reader does not count it as truncated
     c, r = ex.chosen_ids[:room], ex.rejected_ids[:room]
     if c == r:
         return None
