@@ -4,6 +4,7 @@
     python -m minift.evaluate --ckpt DIR --adapter runs/sft --task triage --out runs/eval/sft
     python -m minift.evaluate --task reasoning --data medqa_test.jsonl    # real MedQA rows work too
     python -m minift.evaluate compare runs/eval/base runs/eval/sft       # paired significance, B - A
+    python -m minift.evaluate rescore runs/eval/base                     # re-score saved outputs
 
 Greedy decoding with the KV cache and the chat template. Each run directory gets predictions.jsonl (one
 record per item: the raw output, the parsed answer, correctness, per-item metrics) and summary.json.
@@ -135,26 +136,49 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict:
     items = load_items(cfg)  # validate data before the (slow) model load
     if model is None:
         model, tok = load_model(cfg)
+    outputs, seconds = {}, {}
+    for name, rows in items.items():
+        t0 = time.perf_counter()
+        outputs[name] = generate_all(model, tok, rows, cfg.max_new_tokens or TASKS[name].max_new_tokens,
+                                     cfg.batch_size)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    return write_run(cfg, items, outputs, seconds)
+
+
+def write_run(cfg: EvalConfig, items: dict, outputs: dict, seconds: dict) -> dict:
+    """Score the outputs; write predictions.jsonl (one record per item) and summary.json."""
     out = Path(cfg.out or Path("runs") / "eval" / run_name(cfg))
     out.mkdir(parents=True, exist_ok=True)
     summary = {"config": asdict(cfg), "tasks": {}}
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for name, rows in items.items():
             task = TASKS[name]
-            t0 = time.perf_counter()
-            texts = generate_all(model, tok, rows, cfg.max_new_tokens or task.max_new_tokens, cfg.batch_size)
-            seconds = time.perf_counter() - t0
-            records = []
-            for row, text in zip(rows, texts):
-                rec = {"task": name, "id": row["id"], "output": text, **task.score(row, text)}
-                records.append(rec)
-                f.write(json.dumps(rec) + "\n")
-            summary["tasks"][name] = {
-                "n": len(records), **task.metrics(records), "seconds": round(seconds, 1),
-                "unparsed": [r["id"] for r in records if not r["parsed"]]}
+            records = [{"task": name, "id": row["id"], "output": text, **task.score(row, text)}
+                       for row, text in zip(rows, outputs[name])]
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+            summary["tasks"][name] = {"n": len(records), **task.metrics(records), "seconds": seconds.get(name),
+                                      "unparsed": [r["id"] for r in records if not r["parsed"]]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["out"] = str(out)
     return summary
+
+
+def rescore(run: str) -> dict:
+    """Score a run's saved outputs again (after a parser or metric change), with no generation."""
+    old = json.loads((Path(run) / "summary.json").read_text()) if (Path(run) / "summary.json").is_file() \
+        else None
+    if old is None:
+        raise MinifTError(f"{run}: no summary.json (not an evaluation run directory)")
+    cfg = EvalConfig(**dict(old["config"], out=str(run)))
+    preds = read_run(run)
+    items = load_items(cfg)
+    outputs = {}
+    for name, rows in items.items():
+        missing = [r["id"] for r in rows if (name, r["id"]) not in preds]
+        if missing:
+            raise MinifTError(f"{run}: no saved output for {name} item {missing[0]}")
+        outputs[name] = [preds[(name, r["id"])]["output"] for r in rows]
+    return write_run(cfg, items, outputs, {n: s.get("seconds") for n, s in old["tasks"].items()})
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -188,7 +212,8 @@ def print_summary(summary: dict) -> None:
         table.add_column(col)
     for name, s in summary["tasks"].items():
         mets = "  ".join(f"{k}={v:.3f}" for k, v in s.items() if k not in ("n", "seconds", "unparsed"))
-        table.add_row(name, str(s["n"]), mets, str(len(s["unparsed"])), f"{s['seconds']:.1f}")
+        secs = "-" if s.get("seconds") is None else f"{s['seconds']:.1f}"
+        table.add_row(name, str(s["n"]), mets, str(len(s["unparsed"])), secs)
     Console().print(table)
 
 
@@ -208,6 +233,12 @@ def print_compare(results: list[dict], run_a: str, run_b: str) -> None:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "rescore":
+        ap = argparse.ArgumentParser(prog="python -m minift.evaluate rescore",
+                                     description="Score a run's saved outputs again, without generating.")
+        ap.add_argument("run")
+        print_summary(rescore(ap.parse_args(argv[1:]).run))
+        return
     if argv and argv[0] == "compare":
         ap = argparse.ArgumentParser(prog="python -m minift.evaluate compare",
                                      description="Paired significance of run B versus run A (same items).")

@@ -127,6 +127,11 @@ def test_smoke_cli_on_tiny_model(tiny_llama, tmp_path):
     for p in preds:
         if not p["parsed"]:
             assert not p["correct"] and p["id"] in summary["tasks"][p["task"]]["unparsed"]
+    # re-scoring the saved outputs reproduces the summary
+    from minift.evaluate import rescore
+
+    again = rescore(str(out))
+    assert again["tasks"] == summary["tasks"]
     # compare a run with itself: no difference, p = 1
     proc = _run("compare", str(out), str(out), "--n-boot", "200", "--out", str(tmp_path / "cmp.json"))
     assert proc.returncode == 0, proc.stderr

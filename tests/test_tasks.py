@@ -115,7 +115,8 @@ def test_find_label():
     assert find_label("past", labels) == "past"
     assert find_label("The answer is: Current.", labels) == "current"
     assert find_label("absent (denied)", labels) == "absent"
-    assert find_label("It was in the past, not current", labels) == "past"  # first mention wins
+    assert find_label("Past. The condition resolved in the past", labels) == "past"
+    assert find_label("Current, past or absent.", labels) is None  # listing the options is no answer
     assert find_label("I cannot tell", labels) is None
     assert find_label("non-urgent", ("urgent", "routine")) is None  # hyphenated is not the label
 

@@ -68,15 +68,13 @@ def fact_tokens(text: str) -> list[str]:
 
 
 def find_label(text: str, labels) -> str | None:
-    """The first of `labels` that occurs as a whole word (case-insensitive) in `text`, else None.
-    Longer labels are tried first at a position so "non-urgent" is not read as "urgent"."""
-    best = None
+    """The one label of `labels` that occurs as a whole word (case-insensitive) in `text`; None when no
+    label or several different labels occur (an answer that lists the options, "current, past or absent",
+    is not an answer). Hyphenated words do not count: "non-urgent" is not "urgent"."""
     low = text.lower()
-    for lab in sorted(labels, key=len, reverse=True):
-        m = re.search(r"(?<![a-z0-9-])" + re.escape(lab.lower()) + r"(?![a-z0-9-])", low)
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), lab)
-    return best[1] if best else None
+    found = [lab for lab in labels
+             if re.search(r"(?<![a-z0-9-])" + re.escape(lab.lower()) + r"(?![a-z0-9-])", low)]
+    return found[0] if len(found) == 1 else None
 
 
 class Task:
