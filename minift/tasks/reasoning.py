@@ -47,7 +47,7 @@ def _join(items) -> str:
 
 def format_question(question: str, options: dict) -> str:
     lines = [question.strip()] + [f"{k}. {v}" for k, v in sorted(options.items())]
-    return "\n".join(lines) + "\n\nAnswer with the letter of the best option."
+    return "\n".join(lines) + "\n\nAnswer with one letter."
 
 
 def parse_letter(output: str, options: dict) -> str | None:
