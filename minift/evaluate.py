@@ -62,6 +62,7 @@ def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
     if cfg.data:  # one file; rows say their task (or all belong to the one asked for)
         sources = {"*": Path(cfg.data)}
     out: dict[str, list[dict]] = {}
+    seen: dict[str, set] = {}
     for key, path in sources.items():
         for n, row in read_jsonl(path):
             where = f"{path}:{n}"
@@ -80,6 +81,9 @@ def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
             row = task.normalize_row(row, where)
             task.check_row(row, where)
             row = dict(row, id=str(row.get("id", where)))
+            if row["id"] in seen.setdefault(name, set()):
+                raise MinifTError(f"{where}: duplicate id {row['id']!r} (items are paired across runs by id)")
+            seen[name].add(row["id"])
             if cfg.limit is None or len(out.get(name, [])) < cfg.limit:
                 out.setdefault(name, []).append(row)
     if not out:

@@ -177,3 +177,35 @@ def test_compare_finds_a_real_improvement(tmp_path):
     _write_run(tmp_path / "c", a[:-1])
     with pytest.raises(MinifTError, match="different items"):
         compare(str(tmp_path / "a"), str(tmp_path / "c"))
+
+
+def test_adapter_is_applied(tiny_llama, tmp_path):
+    # An adapter with nonzero factors changes the model: evaluating with --adapter must reproduce the
+    # answers of the in-memory adapted model and (here) differ from the plain model's.
+    import torch
+
+    import minift
+    from minift.evaluate import EvalConfig, evaluate, load_model
+    from minift.lora import apply_lora, save_adapter
+
+    ckpt, _ = tiny_llama
+    model, tok = minift.load(str(ckpt))
+    cfg = EvalConfig(ckpt=str(ckpt), task="classification", limit=3, max_new_tokens=6, out=str(tmp_path / "plain"))
+    plain = evaluate(cfg, model, tok)
+    apply_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)  # large enough to move greedy tokens of a random model
+    save_adapter(model, tmp_path / "adapter")
+    adapted = evaluate(EvalConfig(**dict(vars(cfg), out=str(tmp_path / "mem"))), model, tok)
+    cfg_file = EvalConfig(**dict(vars(cfg), adapter=str(tmp_path / "adapter"), out=str(tmp_path / "file")))
+    m2, t2 = load_model(cfg_file)
+    from_file = evaluate(cfg_file, m2, t2)
+
+    def outs(run):
+        return [json.loads(x)["output"] for x in (Path(run["out"]) / "predictions.jsonl").read_text().splitlines()]
+
+    assert outs(from_file) == outs(adapted)
+    assert outs(adapted) != outs(plain)
