@@ -178,6 +178,7 @@ def conditions(args, device, dtype):
         "cpu": cpu, "threads": torch.get_num_threads(), "dtype": args.dtype,
         "N": args.N, "H": args.H, "V": args.V, "weight": "trainable" if args.train_weight else "frozen (LoRA)",
         "chunk_rows": rows, "repeats": args.repeats, "torch": torch.__version__, "triton": triton_version,
+        "load_avg_1min": round(os.getloadavg()[0], 2),  # other work on the machine makes timings noisy
         "matmul_gflop": {  # 2 flops per multiply-add; the row ops (exp, sums) are O(N*V), not counted
             "naive": (6 if args.train_weight else 4) * NHV / 1e9,
             "fused": (8 if args.train_weight else 4) * NHV / 1e9,
@@ -258,6 +259,7 @@ def main():
                      "ddh": ((dh - ref["dh"]).abs().max() / ref["dh"].abs().max()).item()})
         if variant == "liger":
             rows[-1]["note"] = "mean CE (its own reduction)"
+    cond["load_avg_1min"] = f"{cond['load_avg_1min']} at start, {os.getloadavg()[0]:.2f} at end"
     print_report(cond, rows)
     out = args.json or ROOT / "bench" / "results" / ("bench_loss_smoke.json" if args.smoke else "bench_loss.json")
     out.parent.mkdir(parents=True, exist_ok=True)
