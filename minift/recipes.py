@@ -76,7 +76,8 @@ def split(cfg, reader, tok):
         held = reader(cfg.eval_data, tok, cfg.max_length, cfg.skip_bad_rows)
     else:
         examples, held = split_eval(examples, cfg.eval_fraction, cfg.seed)
-    console.print(f"data: {data} -> {len(examples)} train / {len(held)} eval examples {stats or ''}")
+    counts = ", ".join(f"{k} {v}" for k, v in stats.items())
+    console.print(f"data: {data} -> {len(examples)} train / {len(held)} eval examples ({counts})")
     return data, examples, held
 
 
