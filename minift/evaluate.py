@@ -32,7 +32,7 @@ class EvalConfig:
     split: str = "test"          # reads data/<task>/<split>.jsonl unless --data is given
     data: str | None = None      # a JSONL file instead of the bundled one
     limit: int | None = None     # first N items of each task
-    batch_size: int = 8
+    batch_size: int = 16         # decode reads all weights per step: bigger batches amortize it
     out: str | None = None       # default runs/eval/<model>_<task>
     max_new_tokens: int | None = None  # default: the task's own
 
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--data", default=None, help="JSONL file instead of data/<task>/<split>.jsonl")
     ap.add_argument("--limit", type=int, default=None, help="first N items of each task")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--out", default=None, help="output dir (default: runs/eval/<model>_<task>)")
     args = ap.parse_args(argv)
