@@ -22,6 +22,7 @@ decay; the learning-rate schedules differ, which changes no step's cost). The st
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -200,6 +201,16 @@ def one_run(run, args, pairs, adapter, work):
             "tokens_per_step": n_tok, "tokens_per_s": n_tok / step, "loss0": loss0, "peak_bytes": peak}
 
 
+def subprocess_run(run, args, work, repeats, env=None):
+    cmd = [sys.executable, __file__, "--one", run, "--work", work, "--pairs", str(args.pairs), "--device",
+           args.device, "--repeats", str(repeats), "--seed", str(args.seed),
+           "--threads", str(torch.get_num_threads())] + (["--ckpt", str(args.ckpt)] if args.ckpt else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        raise RuntimeError(f"{run} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="HF checkpoint dir (default: the embedded SmolLM2-135M-Instruct)")
@@ -239,13 +250,10 @@ def main(argv=None):
         if args.smoke:  # one process: imports once (memory then measured after the earlier runs, close enough)
             rows.append(one_run(run, args, pairs, adapter, work))
             continue
-        cmd = [sys.executable, __file__, "--one", run, "--work", work, "--pairs", str(args.pairs), "--device",
-               args.device, "--repeats", str(args.repeats), "--seed", str(args.seed),
-               "--threads", str(torch.get_num_threads())] + (["--ckpt", str(args.ckpt)] if args.ckpt else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"{run} failed:\n{out.stderr[-4000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        # Timing and memory in separate processes: the allocator setting that makes RSS exact costs page faults
+        row = subprocess_run(run, args, work, repeats=args.repeats)
+        row["peak_bytes"] = subprocess_run(run, args, work, repeats=1, env=common.MALLOC_ENV)["peak_bytes"]
+        rows.append(row)
     by = {r["key"]: r for r in rows if not r.get("skipped")}
     for r in rows:
         trl = by.get("trl_sft" if r["key"].endswith("sft") else "trl_dpo")

@@ -23,6 +23,7 @@ bench/common.py. Peak memory: see common.MEMORY_METHOD.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def measure_memory(args):
     bench, _ = setup(args, args.shape)
     peaks = {}
     for v in args.measure_memory.split(","):
-        bench.step(v)  # warm-up: Adam state and lazy buffers exist before the measurement
+        bench.opt.state.clear()  # each variant's step allocates the Adam state afresh (counted, ~37 MiB at 135M)
         with common.PeakMemory(args.device) as m:
             bench.step(v)
         peaks[v] = m.peak
@@ -184,7 +185,7 @@ def memory_in_subprocess(args, variants, shape):
                "--pairs", str(args.pairs), "--device", args.device, "--seed", str(args.seed),
                "--threads", str(torch.get_num_threads())]
         cmd += (["--ckpt", str(args.ckpt)] if args.ckpt else []) + (["--smoke"] if args.smoke else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **common.MALLOC_ENV})
         if out.returncode != 0:
             raise RuntimeError(f"memory subprocess for {group} failed:\n{out.stderr[-3000:]}")
         peaks.update(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -292,7 +293,7 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         info, rows = run_shape(args, shape, peak)
         results[shape] = {"data": info, "rows": rows}
-    cond["load_avg_1m_at_end"] = __import__("os").getloadavg()[0]
+    cond["load_avg_1m_at_end"] = os.getloadavg()[0]
     import report
 
     report.print_step(cond, results)

@@ -127,3 +127,52 @@ def chart_peers(rows, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --- markdown for bench/README.md: python bench/report.py bench/results/bench_step.json ----------------------
+
+
+def markdown_step(data):
+    c = data["conditions"]
+    out = [f"Conditions: {c['device']} ({c['cpu']}), {c['threads']} threads, {c['dtype']}, {c['model']}, "
+           f"{c['pairs_per_step']} pairs per step, median of {c['repeats']} steps after a warm-up, measured matmul "
+           f"peak {c['matmul_peak_gflops']:.0f} GFLOP/s, torch {c['torch']}, triton {c['triton']}; load average "
+           f"{c['load_avg_1m_at_start']:.1f} at start, {c.get('load_avg_1m_at_end', float('nan')):.1f} at end.", ""]
+    for shape, res in data["results"].items():
+        d = res["data"]
+        out += [f"**{shape}** (prompt {d['prompt_mean']:.0f}, chosen {d['chosen_mean']:.0f}, rejected "
+                f"{d['rejected_mean']:.0f} tokens on average; rows x T: SFT {d['sft_rows_x_T']}, concat "
+                f"{d['concat_rows_x_T']}, shared {d['shared_rows_x_T']})", "",
+                "| variant | step s | tokens/s | peak MiB | GFLOP | of which vocab | MFU | vs SFT naive: measured / FLOP model "
+                "| vs SFT: measured / FLOP model | loss |", "|---|" + "---:|" * 9]
+        for r in res["rows"]:
+            out.append(f"| `{r['variant']}` | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {_mib(r['peak_bytes'])} | "
+                       f"{r['gflop']:.0f} | {r['flops']['vocab'] / 1e9:.0f} | {100 * r['mfu']:.0f}% | "
+                       f"{_ratio(r, 'sft_naive')} | {_ratio(r, 'sft')} | {r['loss']:.6f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def markdown_peers(data):
+    c = data["conditions"]
+    out = [f"Conditions: {c['device']} ({c['cpu']}), {c['threads']} threads, {c['dtype']}, {c['model']}, "
+           f"{c['pairs_per_step']} clinical pairs per step, median of {c['repeats']} steps after a warm-up, torch "
+           f"{c['torch']}, transformers {c['transformers']}, peft {c['peft']}, trl {c['trl']}; load average "
+           f"{c['load_avg_1m_at_start']:.1f} at start.", "",
+           "| run | steps/s | tokens/s | peak MiB | step-0 loss | tokens/s vs TRL | memory vs TRL |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data["results"]:
+        if r.get("skipped"):
+            out.append(f"| {r['run']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        out.append(f"| {r['run']} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.0f} | {_mib(r['peak_bytes'])} | "
+                   f"{r['loss0']:.6f} | {r.get('speed_vs_trl', 0):.2f}x | {r.get('memory_vs_trl') or 0:.2f}x |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    payload = json.loads(open(sys.argv[1]).read())
+    print(markdown_step(payload) if "matmul_peak_gflops" in payload["conditions"] else markdown_peers(payload))
