@@ -76,7 +76,7 @@ class StepTimer:
 
         class _Timer(TrainerCallback):
             def __init__(self):
-                self.times = []
+                self.times, self.memory = [], common.PeakMemory(device)
 
             def on_step_begin(self, *a, **k):
                 common.sync(device)
@@ -85,6 +85,8 @@ class StepTimer:
             def on_step_end(self, *a, **k):
                 common.sync(device)
                 self.times.append(time.perf_counter() - self.t0)
+                if len(self.times) == 1:
+                    self.memory.start()  # after the warm-up step, as for minift
 
         return _Timer()
 
@@ -145,9 +147,8 @@ def trl_run(kind, args, pairs, adapter, work):
     loaded = set_peft_model_state_dict(trainer.model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
     if loaded.unexpected_keys:
         raise RuntimeError(f"adapter keys PEFT did not place: {loaded.unexpected_keys[:3]} ...")
-    with common.PeakMemory(args.device) as mem:
-        trainer.train()
-    return timer.times, losses[0], mem.peak
+    trainer.train()
+    return timer.times, losses[0], timer.memory.stop()
 
 
 def minift_run(kind, args, pairs, adapter, work):
@@ -178,16 +179,17 @@ def minift_run(kind, args, pairs, adapter, work):
             ref.prepare(lambda: [(dpo_batch(pairs, "shared_prompt", tok.pad_id).to(args.device),
                                   range(len(pairs)))], len(pairs))
     trainer = Trainer(cfg, model, recipe, examples, [], cfg.out)
-    times, losses = [], []
-    with common.PeakMemory(args.device) as mem:
-        for _ in range(cfg.max_steps):
-            common.sync(args.device)
-            t0 = time.perf_counter()
-            out = trainer.run_step()
-            common.sync(args.device)
-            times.append(time.perf_counter() - t0)
-            losses.append(out["loss"])
-    return times, losses[0], mem.peak
+    times, losses, mem = [], [], common.PeakMemory(args.device)
+    for _ in range(cfg.max_steps):
+        common.sync(args.device)
+        t0 = time.perf_counter()
+        out = trainer.run_step()
+        common.sync(args.device)
+        times.append(time.perf_counter() - t0)
+        losses.append(out["loss"])
+        if len(times) == 1:
+            mem.start()  # after the warm-up step, as for TRL
+    return times, losses[0], mem.stop()
 
 
 def one_run(run, args, pairs, adapter, work):

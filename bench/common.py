@@ -51,11 +51,12 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 MEMORY_METHOD = (
     "CPU: measured in subprocesses of their own, apart from the timed runs (smoke: one per data shape / one "
-    "process), with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS at once. Once the model, LoRA, "
-    "batches (and a cached reference) exist, freed heap is returned to the OS (malloc_trim), the kernel's peak-RSS "
-    "mark is reset (/proc/self/clear_refs), the training step(s) run, and peak = VmHWM - VmRSS before them: the "
-    "memory training takes over the loaded model, AdamW's state (allocated in the first step) included. "
-    "CUDA: torch.cuda.max_memory_allocated over memory_allocated before the steps.")
+    "process), with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS at once. After one warm-up "
+    "training step (the first step of a process also allocates ~0.5 GB of one-time library buffers, and AdamW's "
+    "state), freed heap is returned to the OS (malloc_trim), the kernel's peak-RSS mark is reset "
+    "(/proc/self/clear_refs), the next step(s) run, and peak = VmHWM - VmRSS before them: what a training step "
+    "takes over the loaded model, its optimizer state and its batches. CUDA: torch.cuda.max_memory_allocated "
+    "over memory_allocated at the same point.")
 
 
 # --- conditions ------------------------------------------------------------------------------------------------
@@ -119,12 +120,13 @@ def _status_kb(field):
 
 
 class PeakMemory:
-    """with PeakMemory(device) as m: ... ; m.peak -> bytes over the memory held at entry (see MEMORY_METHOD)."""
+    """Peak bytes over the memory held at start(): `with PeakMemory(device) as m: ...` then m.peak, or
+    m.start() ... m.stop() from callbacks (see MEMORY_METHOD)."""
 
     def __init__(self, device):
-        self.device, self.peak = device, None
+        self.device, self.peak, self.base = device, None, None
 
-    def __enter__(self):
+    def start(self):
         gc.collect()
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -136,12 +138,19 @@ class PeakMemory:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
         return self
 
-    def __exit__(self, *exc):
+    def stop(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
         else:
             self.peak = _status_kb("VmHWM") * 1024 - self.base
+        return self.peak
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
         return False
 
 
