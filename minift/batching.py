@@ -17,7 +17,6 @@ the same `targets` tensor):
                  applied by the model by position, agrees too). The last prompt token predicts both chosen[0]
                  and rejected[0], so pred_index holds it twice.
 """
-import random
 from dataclasses import dataclass, fields
 
 import torch
@@ -138,16 +137,3 @@ def dpo_batch(pairs, layout="concat", pad_id=0):
     ids = _tensor([e.prompt_ids + e.chosen_ids + e.rejected_ids for e in pairs], T, pad_id)
     return _finish(ids, positions, mask, chosen_preds + rejected_preds, 2 * P, n_tokens)
 
-
-def epoch_batches(n, batch_size, seed=0, epoch=0, shuffle=True, drop_last=False):
-    """Index lists for one epoch over n examples: a fixed function of (seed, epoch), so a resumed run can
-    skip the batches it has already taken and see the same ones afterwards."""
-    if batch_size < 1:
-        raise MinifTError(f"batch size must be >= 1, got {batch_size}")
-    order = list(range(n))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if drop_last and out and len(out[-1]) < batch_size:
-        out.pop()
-    return out

@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from minift.batching import LAYOUTS, Batch, dpo_batch, epoch_batches, sft_batch  # noqa: F401 (re-exported)
+from minift.batching import LAYOUTS, Batch, dpo_batch, sft_batch  # noqa: F401 (re-exported)
 from minift.errors import MinifTError
 
 ROLES = ("system", "user", "assistant", "tool")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_hf_model, save_checkpoint
 
-from minift.batching import LAYOUTS, dpo_batch, epoch_batches, sft_batch
+from minift.batching import LAYOUTS, dpo_batch, sft_batch
 from minift.checkpoint import load_model
 from minift.data import PrefExample, SFTExample
 from minift.errors import MinifTError
@@ -80,13 +80,6 @@ def test_bad_layout_and_empty_inputs():
         dpo_batch([PrefExample([], [1], [2], where="f:9")], "concat")
     with pytest.raises(MinifTError, match="no pairs"):
         dpo_batch([], "shared_prompt")
-
-
-def test_epoch_batches_are_a_function_of_seed_and_epoch():
-    a = epoch_batches(10, 3, seed=1, epoch=0)
-    assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
-    assert a == epoch_batches(10, 3, seed=1, epoch=0) != epoch_batches(10, 3, seed=1, epoch=1)
-    assert epoch_batches(10, 3, shuffle=False, drop_last=True) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
 
 
 # ---- layout equivalence on real (tiny) models ----
