@@ -5,9 +5,13 @@ Runs (each trains --repeats + 1 steps on the same batch of --pairs clinical pair
   minift_sft     minift.trainer.Trainer + SFTRecipe (fused log-probs on the completion rows)
   trl_dpo        trl.DPOTrainer with the LoraConfig: reference = the same model with the adapter disabled, computed
                  in each step (TRL's default with PEFT and no ref_model)
-  minift_dpo     minift.trainer.Trainer + DPORecipe with minift's defaults: shared-prompt layout, reference with
-                 the adapters off, computed in each step
-  minift_dpo_cached   the same with the reference log-probs cached before training (--ref cached)
+  minift_dpo     minift.trainer.Trainer + DPORecipe, shared-prompt layout, reference with the adapters off computed
+                 in each step (--ref adapters-off: the same reference TRL computes)
+  minift_dpo_cached   minift's default: the reference log-probs computed once before training (--ref cached)
+Each run goes once per --checkpointing setting, the same on both sides: "off" (every activation kept) and "on"
+(gradient checkpointing: each block's input kept, its inside recomputed in backward; run keys end in _gc). TRL 1.x
+turns it on by default (SFTConfig / DPOConfig gradient_checkpointing=True) and minift leaves it off, so the
+settings are always set explicitly and a run is only compared with its peer under the same setting.
 Both sides drive their own trainers (not a hand-written loop): TRL's Trainer through `train()`, timed from
 on_step_begin to on_step_end (forward, backward, clipping, AdamW, scheduler; the batch is collated before),
 minift's through `Trainer.run_step()` (which also builds the batch and, for DPO, the live reference).
@@ -37,7 +41,7 @@ import common  # noqa: E402  (puts the checkout on sys.path)
 
 RUNS = ("trl_sft", "minift_sft", "trl_dpo", "minift_dpo", "minift_dpo_cached")
 NAMES = {"trl_sft": "TRL SFT", "minift_sft": "minift SFT", "trl_dpo": "TRL DPO",
-         "minift_dpo": "minift DPO (shared prompt, live ref)", "minift_dpo_cached": "minift DPO (cached ref)"}
+         "minift_dpo": "minift DPO, live ref (--ref adapters-off)", "minift_dpo_cached": "minift DPO (default: cached ref)"}
 LR = 1e-4
 
 
@@ -91,7 +95,7 @@ class StepTimer:
         return _Timer()
 
 
-def trl_run(kind, args, pairs, adapter, work):
+def trl_run(kind, args, pairs, adapter, work, ckpt_on):
     """(step times, step-0 loss, peak bytes) of TRL's trainer on the PEFT model."""
     from datasets import Dataset
     from peft import LoraConfig, set_peft_model_state_dict
@@ -111,7 +115,7 @@ def trl_run(kind, args, pairs, adapter, work):
                        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=10_000,
                        save_strategy="no", report_to="none", disable_tqdm=True, seed=args.seed,
                        dataloader_num_workers=0, use_cpu=args.device == "cpu", bf16=args.device == "cuda",
-                       max_length=None)
+                       max_length=None, gradient_checkpointing=ckpt_on)
     losses = []
     timer = StepTimer(args.device)
     if kind == "sft":
@@ -151,7 +155,7 @@ def trl_run(kind, args, pairs, adapter, work):
     return timer.times, losses[0], timer.memory.stop()
 
 
-def minift_run(kind, args, pairs, adapter, work):
+def minift_run(kind, args, pairs, adapter, work, ckpt_on):
     """The same through minift's Trainer.run_step."""
     import minift
     from minift import lora
@@ -162,7 +166,8 @@ def minift_run(kind, args, pairs, adapter, work):
 
     model, tok = minift.load(args.ckpt, dtype=args.dtype, device=args.device)
     lora.load_adapter(model, adapter, trainable=True)
-    shared = dict(out=str(Path(work) / f"minift_{kind}"), batch_size=len(pairs), max_steps=args.repeats + 1, lr=LR,
+    model.gradient_checkpointing = ckpt_on
+    shared = dict(gradient_checkpointing=ckpt_on, out=str(Path(work) / f"minift_{kind}"), batch_size=len(pairs), max_steps=args.repeats + 1, lr=LR,
                   warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, lora_dropout=0.0, eval_every=0,
                   save_every=0, progress=False)
     if kind == "sft":
@@ -192,14 +197,21 @@ def minift_run(kind, args, pairs, adapter, work):
     return times, losses[0], mem.stop()
 
 
-def one_run(run, args, pairs, adapter, work):
+def split_key(key):
+    """'minift_dpo_cached_gc' -> ('minift_dpo_cached', True): the run and its checkpointing setting."""
+    return (key[:-3], True) if key.endswith("_gc") else (key, False)
+
+
+def one_run(key, args, pairs, adapter, work):
+    run, ckpt_on = split_key(key)
     side, kind = run.split("_", 1)
     fn = trl_run if side == "trl" else minift_run
-    times, loss0, peak = fn(kind, args, pairs, adapter, work)
+    times, loss0, peak = fn(kind, args, pairs, adapter, work, ckpt_on)
     timed = times[1:] or times  # step 0 is the warm-up
     step = statistics.median(timed)
     n_tok = common.data_tokens(pairs, "sft" if kind == "sft" else "dpo")
-    return {"run": NAMES[run], "key": run, "times_s": times, "step_s": step, "steps_per_s": 1 / step,
+    return {"run": NAMES[run] + (", grad ckpt" if ckpt_on else ""), "key": key, "checkpointing": ckpt_on,
+            "times_s": times, "step_s": step, "steps_per_s": 1 / step,
             "tokens_per_step": n_tok, "tokens_per_s": n_tok / step, "loss0": loss0, "peak_bytes": peak}
 
 
@@ -221,6 +233,8 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up step")
     p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run, both sides "
+                   "alike: off, on, or off,on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; --smoke: 1)")
     p.add_argument("--json", type=Path, help="default: bench/results/bench_peers[_smoke].json")
@@ -240,14 +254,17 @@ def main(argv=None):
         pairs, adapter = prepare(args, args.work)
         print(json.dumps(one_run(args.one, args, pairs, adapter, args.work)))
         return
-    runs = [r for r in args.runs.split(",") if r]
+    modes = [m for m in args.checkpointing.split(",") if m]
+    if bad := [m for m in modes if m not in ("off", "on")]:
+        p.error(f"--checkpointing takes off and/or on, got {bad}")
+    runs = [r + ("_gc" if m == "on" else "") for m in modes for r in args.runs.split(",") if r]
     missing = trl_missing()
     work = tempfile.mkdtemp(prefix="bench_peers_")
     pairs, adapter = prepare(args, work)
     rows = []
     for run in runs:
         if run.startswith("trl") and missing:
-            rows.append({"run": NAMES[run], "key": run, "skipped": missing})
+            rows.append({"run": NAMES[split_key(run)[0]], "key": run, "skipped": missing})
             continue
         if args.smoke:  # one process: imports once (memory then measured after the earlier runs, close enough)
             rows.append(one_run(run, args, pairs, adapter, work))
@@ -258,7 +275,8 @@ def main(argv=None):
         rows.append(row)
     by = {r["key"]: r for r in rows if not r.get("skipped")}
     for r in rows:
-        trl = by.get("trl_sft" if r["key"].endswith("sft") else "trl_dpo")
+        run, ckpt_on = split_key(r["key"])
+        trl = by.get(("trl_sft" if run.endswith("sft") else "trl_dpo") + ("_gc" if ckpt_on else ""))
         if r.get("skipped") or trl is None:
             continue
         r["dloss_vs_trl"] = abs(r["loss0"] - trl["loss0"])

@@ -3,16 +3,19 @@ design takes off DPO's cost.
 
 One step = forward + backward + gradient clipping + AdamW step, LoRA r=16 on all linear layers of the blocks,
 batch of --pairs preference pairs (SFT: the prompt + chosen of the same pairs, so both do equal work):
-  sft_naive       SFT with the logits of every position (model.lm_head, fp32 log_softmax, gather)
-  sft             SFT as minift does it: fused log-prob kernel on the completion rows only
+  sft_naive       SFT with the logits of every position (model.lm_head, fp32 log_softmax, gather), pads computed
+  sft             SFT as minift does it: fused log-prob kernel on the completion rows only, pads not computed
   dpo_naive       DPO, concat layout (chosen and rejected rows each repeat the prompt), full logits,
                   reference computed on the fly with the adapters off
   dpo_fused       + kernels.linear_token_logprobs over all positions (no [rows x V] logits tensor)
-  dpo_completion  + only completion rows through the vocab projection (minift.losses as is, concat layout)
+  dpo_completion  + only completion rows through the vocab projection (minift.losses, concat layout)
   dpo_shared      + the shared-prompt layout: [prompt | chosen | rejected], the prompt computed once
-                    (minift's default: train_dpo.py --layout shared-prompt --ref adapters-off)
+  dpo_unpadded    + the pads of the rows not computed (batch.lengths -> model.Unpadded)
+                    (train_dpo.py --ref adapters-off)
   dpo_cached      + cached reference: its log-probs precomputed once (minift.reference, --ref cached); the step
-                    runs no reference forward
+                    runs no reference forward (minift's default)
+  ref_pass        not a training step: the cached reference's one-time no-grad pass over the same pairs (what
+                  building the cache costs per step's worth of data, paid once per data set and reference)
 Rounds interleave the variants (a load change hits them all alike); round 0 is the warm-up, starts every variant
 from the same weights and records its loss (all DPO variants compute the same loss). The FLOP model is in
 bench/common.py. Peak memory: see common.MEMORY_METHOD.
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,8 +53,10 @@ VARIANTS = {
     "dpo_naive": "DPO naive: concat, full logits, live ref",
     "dpo_fused": "+ fused log-prob kernel (all rows)",
     "dpo_completion": "+ completion-only vocab projection",
-    "dpo_shared": "+ shared-prompt layout (minift default)",
-    "dpo_cached": "+ cached reference",
+    "dpo_shared": "+ shared-prompt layout",
+    "dpo_unpadded": "+ pads not computed",
+    "dpo_cached": "+ cached reference (minift default)",
+    "ref_pass": "cache build: no-grad ref pass (once)",
 }
 DPO_CFG = SimpleNamespace(beta=0.1, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
 IGNORE = -100
@@ -84,6 +90,8 @@ class Bench:
     def __init__(self, model, tok, pairs, device, workdir):
         self.model, self.device, self.pairs = model, device, pairs
         self.batches = {k: b.to(device) for k, b in common.make_batches(pairs, tok.pad_id).items()}
+        # the same batches with no `lengths`: the model computes every slot, pads included (the plain way)
+        self.padded = {k: replace(b, lengths=None) for k, b in self.batches.items()}
         self.labels = {k: dense_labels(self.batches[k]) for k in ("sft", "concat")}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
@@ -101,22 +109,22 @@ class Bench:
         self.opt.state.clear()
 
     def _dpo_all_rows(self, row_logps):
-        batch, labels, P = self.batches["concat"], self.labels["concat"], self.P
+        batch, labels, P = self.padded["concat"], self.labels["concat"], self.P
         pol = row_logps(self.model, batch, labels)  # (2P,): rows 0..P-1 chosen, P..2P-1 rejected
         with torch.no_grad(), lora.adapters_disabled(self.model):
             ref = row_logps(self.model, batch, labels)
         losses, _, _ = dpo_losses(pol[:P], pol[P:], ref[:P], ref[P:], DPO_CFG.beta, DPO_CFG.loss)
         return losses.mean()
 
-    def _dpo_minift(self, layout, cached):
-        batch = self.batches[layout]
+    def _dpo_minift(self, layout, cached, unpadded=True):
+        batch = (self.batches if unpadded else self.padded)[layout]
         ref = self.ref_cached.logps(batch, range(self.P)) if cached else self.ref_live.logps(batch)
         loss_sum, n_pairs, _ = dpo_step(self.model, batch, ref, DPO_CFG)
         return loss_sum / n_pairs
 
     def loss(self, variant):
         if variant == "sft_naive":
-            b, labels = self.batches["sft"], self.labels["sft"]
+            b, labels = self.padded["sft"], self.labels["sft"]
             return -full_logits_row_logps(self.model, b, labels).sum() / b.n_targets
         if variant == "sft":
             nll, n = sft_loss_sum(self.model, self.batches["sft"])
@@ -126,10 +134,14 @@ class Bench:
         if variant == "dpo_fused":
             return self._dpo_all_rows(fused_all_row_logps)
         if variant == "dpo_completion":
-            return self._dpo_minift("concat", cached=False)
+            return self._dpo_minift("concat", cached=False, unpadded=False)
+        if variant == "dpo_shared":
+            return self._dpo_minift("shared_prompt", cached=False, unpadded=False)
         return self._dpo_minift("shared_prompt", cached=variant == "dpo_cached")
 
     def step(self, variant):
+        if variant == "ref_pass":  # what Reference.prepare runs per batch: no backward, no optimizer
+            return float(self.ref_cached.compute(self.batches["shared_prompt"]).sum())
         loss = self.loss(variant)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -141,10 +153,14 @@ class Bench:
         b = self.batches["sft" if variant.startswith("sft") else
                          "concat" if variant in ("dpo_naive", "dpo_fused", "dpo_completion") else "shared_prompt"]
         rows = b.ids.numel() if variant in ("sft_naive", "dpo_naive", "dpo_fused") else b.n_targets
-        train = common.pass_flops(dims, b.ids.numel(), common.attn_pairs(b), rows, train=True)
+        padded = variant in ("sft_naive", "dpo_naive", "dpo_fused", "dpo_completion", "dpo_shared")
+        tokens = b.ids.numel() if padded else b.n_tokens  # slots computed: pads included or not
+        train = common.pass_flops(dims, tokens, common.attn_pairs(b), rows, train=True)
+        if variant == "ref_pass":
+            return common.pass_flops(dims, tokens, common.attn_pairs(b), rows, train=False, lora_on=False)
         if variant.startswith("sft") or variant == "dpo_cached":
             return train
-        ref = common.pass_flops(dims, b.ids.numel(), common.attn_pairs(b), rows, train=False, lora_on=False)
+        ref = common.pass_flops(dims, tokens, common.attn_pairs(b), rows, train=False, lora_on=False)
         return {k: train[k] + ref[k] for k in train}
 
 
@@ -226,7 +242,11 @@ def run_shape(args, shape, peak_flops):
                 r[f"ratio_vs_{base}"] = r["step_s"] / by[base]["step_s"]
                 r[f"pred_vs_{base}"] = r["flops"]["total"] / by[base]["flops"]["total"]
         ref = by.get("sft_naive" if r["variant"].startswith("sft") else "dpo_naive")
-        r["dloss_vs_naive"] = abs(r["loss"] - ref["loss"]) if ref else None
+        r["dloss_vs_naive"] = abs(r["loss"] - ref["loss"]) if ref and r["variant"] != "ref_pass" else None
+    if {"dpo_cached", "ref_pass", "sft"} <= set(by):
+        # The cache is built once per data set: over E epochs each step carries 1/E of a reference pass.
+        c, once, sft = by["dpo_cached"]["step_s"], by["ref_pass"]["step_s"], by["sft"]["step_s"]
+        by["dpo_cached"]["ratio_vs_sft_with_cache_build"] = {e: (c + once / e) / sft for e in (1, 3)}
     b = bench.batches
     info = {**common.shape_stats(bench.pairs), "sft_rows_x_T": list(b["sft"].ids.shape),
             "concat_rows_x_T": list(b["concat"].ids.shape), "shared_rows_x_T": list(b["shared_prompt"].ids.shape),

@@ -41,9 +41,15 @@ def print_step(cond, results):
         for r in res["rows"]:
             tab.add_row(f"{r['variant']}: {r['what']}", f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
                         _mib(r["peak_bytes"]), f"{r['gflop']:.1f}", f"{r['flops']['vocab'] / 1e9:.1f}",
-                        f"{100 * r['mfu']:.0f}%", _ratio(r, "sft_naive"), _ratio(r, "sft"), f"{r['loss']:.6f}",
+                        f"{100 * r['mfu']:.0f}%", _ratio(r, "sft_naive"), _ratio(r, "sft"),
+                        "-" if r["variant"] == "ref_pass" else f"{r['loss']:.6f}",
                         "-" if r["dloss_vs_naive"] is None else f"{r['dloss_vs_naive']:.1e}")
         console.print(tab)
+        amort = next((r["ratio_vs_sft_with_cache_build"] for r in res["rows"] if "ratio_vs_sft_with_cache_build" in r),
+                     None)
+        if amort:
+            console.print(f"{shape}: dpo_cached / sft with the one-time reference pass spread over the run: "
+                          + ", ".join(f"{float(v):.2f} over {e} epoch(s)" for e, v in amort.items()))
     console.print("step = forward + backward + clip + AdamW (median of the timed steps); tokens/s counts the data's "
                   "tokens (SFT: prompt + chosen; DPO: prompt once + chosen + rejected). MFU = model FLOPs / step time "
                   f"/ measured matmul peak ({cond['matmul_peak_gflops']:.0f} GFLOP/s). meas = measured step-time "

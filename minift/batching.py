@@ -6,7 +6,8 @@ which sequence each target belongs to, so per-sequence log-prob sums are one `in
 Targets are listed segment by segment, each in token order.
 
 Rows are padded on the right. Pads are never targets; with mask None (plain causal) a real token never sees a
-pad because every pad comes after it. Which id pads a row changes no result.
+pad because every pad comes after it. Which id pads a row changes no result. `lengths` tells the model which
+slots are real, so that it spends no compute on the pads (model.Unpadded).
 
 DPO layouts (both give segments 0..P-1 = chosen of pair i, P..2P-1 = rejected of pair i, in that order, and
 the same `targets` tensor):
@@ -36,6 +37,7 @@ class Batch:
     segment: torch.Tensor  # (M,) long: the sequence each target belongs to, in 0..n_seqs-1
     n_seqs: int
     n_tokens: int  # real (non-pad) tokens in `ids`
+    lengths: torch.Tensor | None = None  # (B,) real tokens per row; None: the model computes the pads too
 
     @property
     def n_targets(self):
@@ -50,7 +52,7 @@ class Batch:
 
     def model_inputs(self):
         """Keyword arguments for model(...)."""
-        return dict(ids=self.ids, positions=self.positions, mask=self.mask)
+        return dict(ids=self.ids, positions=self.positions, mask=self.mask, lengths=self.lengths)
 
     def select(self, hidden):
         """hidden (B, T, H) -> (M, H): the states that predict `targets`."""
@@ -64,12 +66,13 @@ def _tensor(rows, T, pad_id):
     return out
 
 
-def _finish(ids, positions, mask, preds, n_seqs, n_tokens):
-    """preds: [(segment, flat_pred_indices list, target ids list)] in segment order."""
+def _finish(ids, positions, mask, preds, n_seqs, rows):
+    """preds: [(segment, flat_pred_indices list, target ids list)] in segment order; rows: the unpadded rows."""
     pred_index = torch.tensor([i for _, idx, _ in preds for i in idx], dtype=torch.long)
     targets = torch.tensor([t for _, _, tg in preds for t in tg], dtype=torch.long)
     segment = torch.tensor([s for s, idx, _ in preds for _ in idx], dtype=torch.long)
-    return Batch(ids, positions, mask, pred_index, targets, segment, n_seqs, n_tokens)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    return Batch(ids, positions, mask, pred_index, targets, segment, n_seqs, int(lengths.sum()), lengths)
 
 
 def sft_batch(examples, pad_id=0):
@@ -86,7 +89,7 @@ def sft_batch(examples, pad_id=0):
         preds.append((b, [b * T + t - 1 for t in ts], [e.ids[t] for t in ts]))  # hidden t-1 predicts token t
     ids = _tensor([e.ids for e in examples], T, pad_id)
     positions = torch.arange(T).expand(len(examples), T).contiguous()  # (B, T)
-    return _finish(ids, positions, None, preds, len(examples), sum(len(e.ids) for e in examples))
+    return _finish(ids, positions, None, preds, len(examples), [e.ids for e in examples])
 
 
 def _check_pairs(pairs, layout):
@@ -105,7 +108,6 @@ def dpo_batch(pairs, layout="concat", pad_id=0):
     layout = layout.replace("-", "_") if isinstance(layout, str) else layout
     _check_pairs(pairs, layout)
     P = len(pairs)
-    n_tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in pairs)
     if layout == "concat":
         rows = [(e.prompt_ids, e.chosen_ids) for e in pairs] + [(e.prompt_ids, e.rejected_ids) for e in pairs]
         T = max(len(p) + len(c) for p, c in rows)
@@ -113,8 +115,7 @@ def dpo_batch(pairs, layout="concat", pad_id=0):
         preds = [(r, [r * T + len(p) - 1 + j for j in range(len(c))], c) for r, (p, c) in enumerate(rows)]
         ids = _tensor([p + c for p, c in rows], T, pad_id)
         positions = torch.arange(T).expand(2 * P, T).contiguous()  # (2P, T)
-        n_tokens += sum(len(e.prompt_ids) for e in pairs)  # the prompt is computed twice
-        return _finish(ids, positions, None, preds, 2 * P, n_tokens)
+        return _finish(ids, positions, None, preds, 2 * P, [p + c for p, c in rows])  # the prompt computed twice
 
     T = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in pairs)
     kind = torch.full((P, T), 3, dtype=torch.long)  # per slot: 0 prompt, 1 chosen, 2 rejected, 3 pad
@@ -134,6 +135,6 @@ def dpo_batch(pairs, layout="concat", pad_id=0):
     mask = causal & ((k == 0) | (k == q))  # (P, T, T): the prompt, and one's own completion
     # A pad attends only to itself: no attention row may be all False (SDPA would give NaN there).
     mask = torch.where(q == 3, torch.eye(T, dtype=torch.bool), mask)
-    ids = _tensor([e.prompt_ids + e.chosen_ids + e.rejected_ids for e in pairs], T, pad_id)
-    return _finish(ids, positions, mask, chosen_preds + rejected_preds, 2 * P, n_tokens)
+    rows = [e.prompt_ids + e.chosen_ids + e.rejected_ids for e in pairs]
+    return _finish(_tensor(rows, T, pad_id), positions, mask, chosen_preds + rejected_preds, 2 * P, rows)
 

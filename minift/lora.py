@@ -71,7 +71,8 @@ class LoRALinear(nn.Linear):
         # Compute in the input dtype; the (possibly fp32) factors get their gradient through the cast.
         a = self.lora_A[name].weight.to(x.dtype)
         b = self.lora_B[name].weight.to(x.dtype)
-        return y + self.scaling[name] * F.linear(F.linear(self.lora_dropout[name](x), a), b)
+        # The scaling multiplies the rank-r product, not the [tokens x out] one: r/out of the elementwise work.
+        return y + F.linear(self.scaling[name] * F.linear(self.lora_dropout[name](x), a), b)
 
     def delta(self, name):
         """scaling * B @ A in fp32 (out x in), the change this adapter makes to `weight`."""

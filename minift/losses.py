@@ -39,7 +39,7 @@ def _head_weight(model):
 
 def token_logps(model, batch):
     """(logp[M] fp32, hidden_sel[M, H]): log p(target) at each prediction position of the batch."""
-    hidden = model(batch.ids, batch.positions, batch.mask)  # (B, T, H)
+    hidden = model(**batch.model_inputs())  # (B, T, H); pads not computed when batch.lengths is set
     hidden_sel = hidden.flatten(0, 1)[batch.pred_index]  # (M, H): only positions that predict a target
     logp = linear_token_logprobs(hidden_sel, _head_weight(model), batch.targets)  # (M,)
     return logp, hidden_sel

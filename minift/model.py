@@ -73,6 +73,25 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, S, hd)
 
 
+class Unpadded:
+    """The real-token slots of a right-padded (B, T) batch. Embedding, norms, linear layers and the MLP then run
+    on those N tokens only (no FLOPs or saved activations spent on pads); attention puts q, k, v back into
+    (B, T) rows for SDPA and takes the N real outputs out again. The same idea as unpadded "varlen" attention
+    in BERT / flash-attn pipelines, with plain SDPA in the middle."""
+
+    def __init__(self, lengths, T):
+        self.B, self.T = lengths.numel(), T
+        valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+        self.index = valid.flatten().nonzero().squeeze(1)  # (N,) flat slots of the real tokens
+
+    def unpad(self, x):
+        return x.flatten(0, 1)[self.index]  # (B, T, ...) -> (B*T, ...) -> (N, ...)
+
+    def pad(self, x):
+        out = x.new_zeros(self.B * self.T, *x.shape[1:])  # (B*T, ...): zeros at the pads
+        return out.index_copy(0, self.index, x).view(self.B, self.T, *x.shape[1:])  # (B, T, ...)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -82,20 +101,53 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+    def forward(self, x, cos, sin, mask, cache, rows=None):
+        """x (B, T, dim), or (N, dim) real tokens when `rows` (Unpadded) is given; cos, sin broadcast over heads."""
+        lead = x.shape[:-1]  # (B, T) or (N,)
+        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)  # (..., n_head, hd)
+        k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)  # (..., n_kv, hd)
+        v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)  # (..., n_kv, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if rows is not None:
+            q, k, v = rows.pad(q), rows.pad(k), rows.pad(v)  # (N, h, hd) -> (B, T, h, hd), zeros at pads
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hd), S = cached + T
         # GQA: each group of n_head / n_kv query heads shares one key/value head (enable_gqa broadcasts, no copy).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_head * hd)
-        return self.o_proj(y)
+        y = y.transpose(1, 2)  # (B, T, n_head, hd)
+        if rows is not None:
+            y = rows.unpad(y)  # (N, n_head, hd)
+        return self.o_proj(y.reshape(*lead, self.n_heads * self.head_dim))  # (..., n_head * hd) -> (..., dim)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, saving only gate and up for backward (autograd would also keep silu(gate)).
+
+    That is one [tokens x hidden_dim] tensor less per layer, ~15% of a block's saved activations under LoRA:
+    sigmoid(gate) is recomputed in backward instead, an elementwise op next to the block's matmuls.
+    Torch reference: F.silu(gate) * up (tests/test_model.py compares values and gradients)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        # d silu / d gate = sig * (1 + gate * (1 - sig))
+        return grad * up * (sig * (1 + gate * (1 - sig))), grad * silu
+
+
+def swiglu(gate, up):
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLU.apply(gate, up)
+    return F.silu(gate) * up  # inference: no autograd Function overhead
 
 
 class MLP(nn.Module):
@@ -106,7 +158,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -117,8 +169,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -156,25 +208,33 @@ class Transformer(nn.Module):
             mask = mask & (positions[:, :, None] - key_pos[:, None, :] < window)
         return mask[:, None]  # (B, 1, T, S): broadcast over heads
 
-    def forward(self, ids, positions=None, mask=None, cache=None):
-        """ids (B, T) -> final hidden states (B, T, dim). positions (B, T) default 0..T-1 after the cache."""
+    def forward(self, ids, positions=None, mask=None, cache=None, lengths=None):
+        """ids (B, T) -> final hidden states (B, T, dim). positions (B, T) default 0..T-1 after the cache.
+        lengths (B,): real tokens per right-padded row; given, the pads are not computed (their outputs are 0)."""
         B, T = ids.shape
+        rows = None
+        if lengths is not None and cache is None and int(lengths.min()) < T:
+            rows = Unpadded(lengths, T)
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=ids.device).expand(B, T)
         if cache is not None:
             cache.positions[:, cache.length:cache.length + T] = positions
         attn_mask = self.attention_mask(positions, mask, cache)
-        h = self.embed(ids)
         freqs = positions[:, :, None].float() * self.inv_freq  # (B, T, hd/2), in fp32 for long positions
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        if rows is not None:
+            ids, emb = rows.unpad(ids), rows.unpad(emb)  # (N,), (N, hd)
+        h = self.embed(ids)  # (B, T, dim) or (N, dim)
+        emb = emb[..., None, :]  # (..., 1, hd): broadcast over heads
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its inside during backward.
-                h = checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, attn_mask, None, rows, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, cache)
+                h = layer(h, cos, sin, attn_mask, cache, rows)
         if cache is not None:
             cache.length += T
-        return self.norm(h)
+        h = self.norm(h)
+        return rows.pad(h) if rows is not None else h

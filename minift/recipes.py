@@ -114,10 +114,9 @@ def run_dpo(cfg):
         # DPO after SFT: train the SFT adapter further; a frozen copy of it is the reference.
         lora.load_adapter(model, cfg.adapter, trainable=True)
         lora.add_adapter_copy(model, "default", "reference")
-        ref = cfg.ref or "adapter"
     else:
         attach_lora(cfg, model)
-        ref = cfg.ref or "adapters-off"
+    ref = cfg.ref
     console.print(lora.lora_summary(model))
     ckpt_dir = Path(cfg.ckpt) if cfg.ckpt else None
     if ckpt_dir is None:

@@ -179,6 +179,7 @@ class Reference:
             self.status = "recomputed (stale)"
         else:
             self.status = "computed"
+        self.log(f"reference log-probs: one no-grad pass over {n_examples} pairs ({self.source}) ...")
         chosen = torch.full((n_examples,), float("nan"))
         rejected = torch.full((n_examples,), float("nan"))
         batches = make_batches() if callable(make_batches) else make_batches

@@ -88,8 +88,9 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = opt(0.0, "conservative DPO / robust DPO label noise in [0, 0.5)")
     sft_weight: float = opt(0.0, "weight of an added NLL loss on the chosen completion")
     adapter: str = opt(None, "start from this LoRA adapter dir (PEFT format), e.g. the SFT run's output")
-    ref: str = opt(None, "reference: adapters-off, adapter (default with --adapter), or cached",
-                   choices=REF_TYPES)
+    ref: str = opt("cached", "reference log-probs: cached (one no-grad pass before training, from the --adapter "
+                   "copy when given, else the base; reused by later runs on the same data), or computed in every "
+                   "step from adapters-off (the base) or adapter (a frozen copy of --adapter)", choices=REF_TYPES)
     layout: str = opt("shared-prompt", "pair layout: shared-prompt (prompt computed once) or concat",
                       choices=LAYOUTS)
 

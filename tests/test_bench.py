@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["sft_naive", "sft", "dpo_naive", "dpo_fused", "dpo_completion", "dpo_shared", "dpo_cached"]
+VARIANTS = ["sft_naive", "sft", "dpo_naive", "dpo_fused", "dpo_completion", "dpo_shared", "dpo_unpadded", "dpo_cached",
+            "ref_pass"]
 
 
 def run(script, tmp_path):
@@ -43,13 +44,22 @@ def test_bench_step_smoke(tmp_path):
             assert isinstance(r["peak_bytes"], int), (shape, v)
             assert r["flops"]["total"] == pytest.approx(sum(r["flops"][k] for k in ("body", "lora", "attention",
                                                                                       "vocab")))
+            if v == "ref_pass":  # not a training step: no loss to compare
+                assert r["dloss_vs_naive"] is None
+                continue
             # fp32 sums in different orders (chunked kernel, other layout): equal to ~1e-6 of a loss near 0.7-5.6
             assert r["dloss_vs_naive"] < 1e-4, (shape, v, r["dloss_vs_naive"])
         flops = {v: r["flops"]["total"] for v, r in rows.items()}
         # The FLOP model's order: a live reference costs a forward; cutting rows, the prompt or the reference saves
         assert flops["dpo_naive"] == flops["dpo_fused"] > flops["dpo_completion"] > flops["dpo_shared"] \
-            > flops["dpo_cached"] > flops["sft"]
+            >= flops["dpo_unpadded"] > flops["dpo_cached"] > flops["sft"]
+        # balanced rows are all one length (nothing to skip); clinical pairs differ, so their rows carry pads
+        assert (flops["dpo_shared"] > flops["dpo_unpadded"]) == (shape == "clinical")
         assert flops["sft_naive"] > flops["sft"]
+        # the cache build is the no-grad reference pass that dpo_unpadded runs in every step
+        assert flops["ref_pass"] == pytest.approx(flops["dpo_unpadded"] - flops["dpo_cached"])
+        spread = rows["dpo_cached"]["ratio_vs_sft_with_cache_build"]
+        assert spread["1"] > spread["3"] > rows["dpo_cached"]["ratio_vs_sft"]
         assert 2 < rows["dpo_naive"]["pred_vs_sft_naive"] < 3.2  # 2 rows + a no-grad forward of each
         assert res["data"]["concat_rows_x_T"][0] == 2 * res["data"]["shared_rows_x_T"][0]
     assert "dpo_shared" in stdout and "wrote" in stdout
@@ -60,16 +70,19 @@ def test_bench_peers_smoke(tmp_path):
     data, stdout = run("bench_peers", tmp_path)
     assert {"device", "cpu", "threads", "dtype", "torch", "trl", "peft", "transformers"} <= set(data["conditions"])
     rows = {r["key"]: r for r in data["results"]}
-    assert set(rows) == {"trl_sft", "minift_sft", "trl_dpo", "minift_dpo", "minift_dpo_cached"}
+    runs = ["trl_sft", "minift_sft", "trl_dpo", "minift_dpo", "minift_dpo_cached"]
+    assert set(rows) == set(runs) | {r + "_gc" for r in runs}  # each without and with gradient checkpointing
     for key, r in rows.items():
         assert not r.get("skipped"), r
         for field in ("steps_per_s", "tokens_per_s", "loss0"):
             assert positive(r[field]), (key, field, r[field])
         assert isinstance(r["peak_bytes"], int)
     # The same work on both sides: the same step-0 loss (fp32, different kernels and summation orders)
-    assert abs(rows["minift_sft"]["loss0"] - rows["trl_sft"]["loss0"]) < 1e-4
-    for key in ("minift_dpo", "minift_dpo_cached"):
-        assert abs(rows[key]["loss0"] - rows["trl_dpo"]["loss0"]) < 1e-4
+    for gc in ("", "_gc"):
+        assert rows["minift_sft" + gc]["checkpointing"] == rows["trl_sft" + gc]["checkpointing"] == (gc == "_gc")
+        assert abs(rows["minift_sft" + gc]["loss0"] - rows["trl_sft" + gc]["loss0"]) < 1e-4
+        for key in ("minift_dpo", "minift_dpo_cached"):
+            assert abs(rows[key + gc]["loss0"] - rows["trl_dpo" + gc]["loss0"]) < 1e-4
     # ... and not a trivial one: the starting adapter makes the policy differ from the reference
     assert abs(rows["trl_dpo"]["loss0"] - math.log(2)) > 1e-3
     assert rows["minift_dpo"]["speed_vs_trl"] > 0 and rows["minift_sft"]["memory_vs_trl"] is not None

@@ -98,3 +98,55 @@ def test_tied_embeddings_share_storage(tiny_llama):
     ckpt, _ = tiny_llama
     model = load_model(ckpt)
     assert model.lm_head.weight is model.embed.weight
+
+
+def test_swiglu_function_matches_autograd_in_fp64():
+    """The hand-written SwiGLU backward (only gate and up saved) against autograd through F.silu(gate) * up:
+    gradcheck in fp64 (finite differences), then values and gradients at fp64 round-off, on values wide enough
+    (|gate| up to ~12) that sigmoid saturates on both sides."""
+    from minift.model import SwiGLU, swiglu
+
+    g = torch.Generator().manual_seed(0)
+    gate = (4 * torch.randn(5, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    up = torch.randn(5, 7, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
+    upstream = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((swiglu(gate, up) * upstream).sum(), (gate, up))
+    ref = torch.autograd.grad((torch.nn.functional.silu(gate) * up * upstream).sum(), (gate, up))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unpadded_rows_compute_what_padded_rows_compute(pair, checkpointing):
+    """`lengths` makes the model skip the right pads (model.Unpadded): the real tokens' hidden states and every
+    parameter's gradient must equal those of the padded forward; the pads' outputs are zeros. Both with mask None
+    (causal) and with an explicit mask, and with Mistral's window (40 > 8). Tolerance: the fp32 default; the only
+    difference is matmul shapes (N real rows instead of B x T), which changes the blocking, not the math."""
+    _, ours = pair
+    ours.train()
+    ours.gradient_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([40, 23, 7])
+    ids = torch.randint(0, 300, (3, 40), generator=g)
+    valid = torch.arange(40)[None, :] < lengths[:, None]  # (3, 40)
+    probe = torch.randn(3, 40, ours.config.dim, generator=g) * valid[..., None]  # real tokens only
+    causal = torch.ones(40, 40, dtype=torch.bool).tril().expand(3, 40, 40)
+    try:
+        for mask in (None, causal):
+            out = {}
+            for lens in (None, lengths):
+                ours.zero_grad(set_to_none=True)
+                hidden = ours(ids, mask=mask, lengths=lens)  # (3, 40, dim)
+                (hidden * probe).sum().backward()
+                out[lens is None] = hidden.detach(), {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+            (h_pad, g_pad), (h_unpad, g_unpad) = out[True], out[False]
+            torch.testing.assert_close(h_unpad[valid], h_pad[valid])
+            assert h_unpad[~valid].abs().max() == 0
+            assert g_unpad.keys() == g_pad.keys() and len(g_pad) > 5  # lm_head (untied) gets none: not used
+            for name in g_pad:
+                torch.testing.assert_close(g_unpad[name], g_pad[name], msg=name)
+    finally:
+        ours.gradient_checkpointing = False
+        ours.zero_grad(set_to_none=True)
+        ours.eval()
