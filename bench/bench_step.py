@@ -274,7 +274,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny random model, short rows, 1 repeat (CI)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (SFT: as many sequences)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant after the warm-up")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant after the warm-up")
     p.add_argument("--shapes", default="clinical,balanced")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seed", type=int, default=0)

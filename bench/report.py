@@ -120,13 +120,13 @@ def chart_peers(rows, path):
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if not r.get("skipped")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(rows) + 1.5))
     names = [r["run"] for r in rows]
     colors = ["tab:gray" if r["run"].startswith("TRL") else "tab:blue" for r in rows]
     axes[0].barh(names, [r["tokens_per_s"] for r in rows], color=colors)
     axes[0].set_xlabel("tokens/s (higher is better)")
     axes[1].barh(names, [(r["peak_bytes"] or 0) / MIB for r in rows], color=colors)
-    axes[1].set_xlabel("peak memory over the loaded model, MiB (lower is better)")
+    axes[1].set_xlabel("peak MiB over the loaded model\n(lower is better)")
     for ax in axes:
         ax.invert_yaxis()
     fig.tight_layout()

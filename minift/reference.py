@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -180,6 +181,7 @@ class Reference:
         else:
             self.status = "computed"
         self.log(f"reference log-probs: one no-grad pass over {n_examples} pairs ({self.source}) ...")
+        start = time.perf_counter()
         chosen = torch.full((n_examples,), float("nan"))
         rejected = torch.full((n_examples,), float("nan"))
         batches = make_batches() if callable(make_batches) else make_batches
@@ -193,7 +195,8 @@ class Reference:
                               f"log-probs (first: index {int(missing.nonzero()[0, 0])})")
         self.table = (chosen, rejected)
         self._write(key, parts)
-        self.log(f"reference log-probs: computed for {n_examples} pairs, saved to {self.path} (key {key[:12]})")
+        self.log(f"reference log-probs: computed for {n_examples} pairs in {time.perf_counter() - start:.1f} s, "
+                 f"saved to {self.path} (key {key[:12]})")
         return self.status
 
     def _read(self, n_examples):
