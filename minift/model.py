@@ -89,7 +89,8 @@ class Unpadded:
 
     def pad(self, x):
         out = x.new_zeros(self.B * self.T, *x.shape[1:])  # (B*T, ...): zeros at the pads
-        return out.index_copy(0, self.index, x).view(self.B, self.T, *x.shape[1:])  # (B, T, ...)
+        out.index_copy_(0, self.index, x)  # in place: one buffer, not two (autograd still reaches x)
+        return out.view(self.B, self.T, *x.shape[1:])  # (B, T, ...)
 
 
 class Attention(nn.Module):

@@ -116,7 +116,6 @@ def run_dpo(cfg):
         lora.add_adapter_copy(model, "default", "reference")
     else:
         attach_lora(cfg, model)
-    ref = cfg.ref
     console.print(lora.lora_summary(model))
     ckpt_dir = Path(cfg.ckpt) if cfg.ckpt else None
     if ckpt_dir is None:
@@ -125,12 +124,12 @@ def run_dpo(cfg):
         ckpt_dir = default_checkpoint()
     parts = key_parts(data, ckpt_dir, max_length=cfg.max_length, eval_data=cfg.eval_data,
                       eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any")
-    reference = Reference(ref, model, out_dir=cfg.out, key_parts=parts)
+    reference = Reference(cfg.ref, model, out_dir=cfg.out, key_parts=parts)
     recipe = DPORecipe(cfg, reference, tok.pad_id, device)
     # Train and eval pairs share one index space: the cached table has a row for each.
     indexed = list(enumerate(train + held))
     train_ix, held_ix = indexed[:len(train)], indexed[len(train):]
-    if ref == "cached":
+    if cfg.ref == "cached":
         chunks = [indexed[i:i + cfg.batch_size] for i in range(0, len(indexed), cfg.batch_size)]
         reference.prepare(lambda: ((dpo_batch([e for _, e in c], recipe.layout, tok.pad_id).to(device),
                                     [i for i, _ in c]) for c in chunks), len(indexed))
