@@ -1,10 +1,14 @@
-from setuptools import find_packages, setup
+from setuptools import setup
 
 setup(
     name="minift",
-    version="0.1.0",
+    version="0.2.0",
     description="A minimal from-scratch LLM fine-tuning trainer (SFT, DPO, LoRA) with fused log-prob kernels",
-    packages=find_packages(include=["minift", "minift.*", "kernels", "kernels.*"]),
+    # The repository keeps kernels/ and data/ at its top; they install as minift.kernels and minift.datasets,
+    # so that nothing named `kernels` (a Hugging Face package's name) or `data` lands in site-packages.
+    packages=["minift", "minift.tasks", "minift.kernels", "minift.datasets"],
+    package_dir={"minift.kernels": "kernels", "minift.datasets": "data"},
+    package_data={"minift.datasets": ["*/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -20,6 +24,14 @@ setup(
     ],
     extras_require={
         # Peers used only to check our numbers; never imported by the runtime path.
-        "test": ["pytest", "transformers", "peft", "trl", "rouge-score"],
+        "test": ["pytest", "transformers", "peft", "trl", "rouge-score", "build"],
+    },
+    entry_points={
+        "console_scripts": [
+            "minift-sft = minift.cli:sft",
+            "minift-dpo = minift.cli:dpo",
+            "minift-eval = minift.cli:evaluate",
+            "minift-generate = minift.cli:generate",
+        ],
     },
 )

@@ -1,15 +1,7 @@
-"""Supervised fine-tuning with LoRA.  python train_sft.py --help
+"""Supervised fine-tuning with LoRA.  python train_sft.py --help  (installed: minift-sft)
 
-With no arguments: the embedded SmolLM2-135M-Instruct on the bundled clinical set, a short run to runs/sft."""
-from minift.errors import run_cli
-from minift.train_config import TrainConfig, parse_config
-
-
-def main(argv=None):
-    from minift.recipes import run_sft
-
-    run_sft(parse_config(TrainConfig, argv, description=__doc__))
-
+With no arguments: the embedded SmolLM2-135M-Instruct on the bundled clinical set, one epoch to runs/sft."""
+from minift.cli import sft
 
 if __name__ == "__main__":
-    run_cli(main)
+    sft()

@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import kernels from this checkout
-import kernels  # noqa: E402
+from minift import kernels  # noqa: E402
 
 IGNORE = -100
 MEMORY_METHOD = ("peak memory: each variant runs in its own subprocess: inputs are made, the step runs once "

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the checkout on sys.path)
 
-import kernels  # noqa: E402
+from minift import kernels  # noqa: E402
 import minift  # noqa: E402
 from minift import lora  # noqa: E402
 from minift.losses import dpo_losses, dpo_step, sft_loss_sum  # noqa: E402

@@ -26,10 +26,14 @@ import os
 
 import torch
 
-from kernels import torch_logprobs
-from minift.errors import MinifTError
+from . import torch_logprobs
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "chunk_rows", "CHUNK_BYTES"]
+__all__ = ["token_logprobs", "linear_token_logprobs", "chunk_rows", "CHUNK_BYTES", "KernelError"]
+
+
+class KernelError(ValueError):
+    """Bad input to a kernel (shapes, dtypes, targets, the implementation switch). The kernels import nothing
+    from minift, so they have their own error type; minift's command-line tools print it as one line."""
 
 # Budget for one chunk of logits, counted as fp32. 64 MiB keeps the loss path's peak ~1/30 of the naive one at
 # V = 49152 on the CPU (341 rows per chunk); on a GPU 256 MiB keeps each chunk's matmul big enough to run
@@ -43,16 +47,16 @@ def _row_ops(impl, device, caller):
     if impl == "torch":
         return torch_logprobs
     if impl != "triton":
-        raise MinifTError(f"kernels.{caller}: impl (or MINIFT_KERNELS) must be 'triton' or 'torch', got {impl!r}")
+        raise KernelError(f"kernels.{caller}: impl (or MINIFT_KERNELS) must be 'triton' or 'torch', got {impl!r}")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise MinifTError(f"kernels.{caller}: Triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+        raise KernelError(f"kernels.{caller}: Triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
                           "before kernels.triton_logprobs is imported (or use impl='torch')")
     try:
-        from kernels import triton_logprobs
+        from . import triton_logprobs
     except ImportError as e:
-        raise MinifTError(f"kernels.{caller}: impl='triton' but Triton cannot be imported ({e})") from e
+        raise KernelError(f"kernels.{caller}: impl='triton' but Triton cannot be imported ({e})") from e
     if device.type == "cpu" and not triton_logprobs.INTERPRETED:
-        raise MinifTError(f"kernels.{caller}: kernels.triton_logprobs was imported before TRITON_INTERPRET=1 "
+        raise KernelError(f"kernels.{caller}: kernels.triton_logprobs was imported before TRITON_INTERPRET=1 "
                           "was set, so its kernels are compiled for a GPU; set it before the first import")
     return triton_logprobs
 
@@ -60,15 +64,15 @@ def _row_ops(impl, device, caller):
 def _check_targets(targets, n, V, ignore_index, device, caller):
     """targets[n] integer, on the same device; each one in [0, V) or equal to ignore_index."""
     if targets.dim() != 1 or targets.shape[0] != n:
-        raise MinifTError(f"kernels.{caller}: targets must have shape [{n}], got {list(targets.shape)}")
+        raise KernelError(f"kernels.{caller}: targets must have shape [{n}], got {list(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32) or targets.device != device:
-        raise MinifTError(f"kernels.{caller}: targets must be int64 or int32 on {device}, "
+        raise KernelError(f"kernels.{caller}: targets must be int64 or int32 on {device}, "
                           f"got {targets.dtype} on {targets.device}")
     targets = targets.long().contiguous()
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if bad.any():  # one device sync per call; a clear error beats an out-of-bounds read or a device assert
         i = int(bad.nonzero()[0, 0])
-        raise MinifTError(f"kernels.{caller}: targets[{i}] = {int(targets[i])} is outside [0, {V}) "
+        raise KernelError(f"kernels.{caller}: targets[{i}] = {int(targets[i])} is outside [0, {V}) "
                           f"and is not ignore_index ({ignore_index})")
     return targets
 
@@ -77,7 +81,7 @@ def chunk_rows(N, V, chunk_size=None, device="cpu"):
     """Rows per chunk: chunk_size if given, else as many as fit CHUNK_BYTES of fp32 logits (at least 1)."""
     if chunk_size is not None:
         if int(chunk_size) < 1:
-            raise MinifTError(f"kernels.linear_token_logprobs: chunk_size must be >= 1, got {chunk_size}")
+            raise KernelError(f"kernels.linear_token_logprobs: chunk_size must be >= 1, got {chunk_size}")
         return max(1, min(int(chunk_size), N))
     budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES["cpu"])
     return max(1, min(budget // (4 * V), N))
@@ -158,7 +162,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
 def token_logprobs(logits, targets, ignore_index=-100, impl=None):
     """log softmax(logits)[target] per row: logits[N, V], targets[N] -> fp32 [N], 0 where ignored."""
     if logits.dim() != 2 or not logits.is_floating_point():
-        raise MinifTError(f"kernels.token_logprobs: logits must be a float [N, V] tensor, "
+        raise KernelError(f"kernels.token_logprobs: logits must be a float [N, V] tensor, "
                           f"got {logits.dtype} {list(logits.shape)}")
     ops = _row_ops(impl, logits.device, "token_logprobs")
     targets = _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index, logits.device,
@@ -172,10 +176,10 @@ def linear_token_logprobs(hidden, weight, targets, ignore_index=-100, impl=None,
     """log softmax(hidden @ weight.T)[target] per row, chunked: hidden[N, H], weight[V, H] -> fp32 [N]."""
     name = "linear_token_logprobs"
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise MinifTError(f"kernels.{name}: need hidden [N, H] and weight [V, H], "
+        raise KernelError(f"kernels.{name}: need hidden [N, H] and weight [V, H], "
                           f"got {list(hidden.shape)} and {list(weight.shape)}")
     if hidden.dtype != weight.dtype or not hidden.is_floating_point() or hidden.device != weight.device:
-        raise MinifTError(f"kernels.{name}: hidden and weight must share a float dtype and device, got "
+        raise KernelError(f"kernels.{name}: hidden and weight must share a float dtype and device, got "
                           f"{hidden.dtype} on {hidden.device} and {weight.dtype} on {weight.device}")
     ops = _row_ops(impl, hidden.device, name)
     N, V = hidden.shape[0], weight.shape[0]

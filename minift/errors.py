@@ -9,9 +9,11 @@ def run_cli(main):
     """Run a command-line entry point: bad input prints one `error: ...` line and exits 2, no traceback."""
     import sys
 
+    from minift.kernels import KernelError
+
     try:
         return main()
-    except MinifTError as e:
+    except (MinifTError, KernelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -18,10 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from minift.defaults import DATA_DIR
 from minift.errors import MinifTError
 from minift.tasks import TASKS, get_task
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import linear_token_logprobs
+from minift.kernels import linear_token_logprobs
 from minift.errors import MinifTError
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")

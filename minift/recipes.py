@@ -8,6 +8,7 @@ import torch
 from minift import lora
 from minift.batching import dpo_batch, sft_batch
 from minift.checkpoint import load
+from minift.defaults import DEFAULT_MODEL_HUB_ID, pick_device, pick_dtype
 from minift.data import read_preferences, read_sft, split_eval
 from minift.losses import dpo_step, sft_loss_sum
 from minift.reference import Reference, key_parts
@@ -59,9 +60,8 @@ class DPORecipe:
 def setup(cfg):
     """Seed, then load the model for the configured device and dtype."""
     torch.manual_seed(cfg.seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    # fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on GPU unless asked otherwise.
-    dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16}.get(cfg.dtype) or getattr(torch, cfg.dtype)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     model, tok = load(cfg.ckpt, dtype=dtype, device=device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tok, device
@@ -95,7 +95,7 @@ def finish(cfg, model, tok, ckpt_name):
 
 
 def ckpt_name(cfg):
-    return str(cfg.ckpt) if cfg.ckpt else "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return str(cfg.ckpt) if cfg.ckpt else DEFAULT_MODEL_HUB_ID
 
 
 def run_sft(cfg):

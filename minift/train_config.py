@@ -3,9 +3,9 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from minift.defaults import bundled
 from minift.errors import MinifTError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 def opt(default, help, **kw):
@@ -45,7 +45,7 @@ class TrainConfig:
     progress: bool = opt(True, "show the rich progress bar")
 
     def default_data(self):
-        return DATA_DIR / "clinical" / "sft.jsonl"
+        return bundled("clinical", "sft")
 
     def check(self):
         positive = ("batch_size", "grad_accum", "max_length", "lora_r")
@@ -95,7 +95,7 @@ class DPOConfig(TrainConfig):
                       choices=LAYOUTS)
 
     def default_data(self):
-        return DATA_DIR / "clinical" / "dpo.jsonl"
+        return bundled("clinical", "dpo")
 
     def check(self):
         super().check()

@@ -18,12 +18,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import torch_logprobs  # noqa: E402
-from minift.errors import MinifTError  # noqa: E402
+from minift import kernels  # noqa: E402
+from minift.kernels import torch_logprobs  # noqa: E402
+from minift.kernels import KernelError  # noqa: E402
 
 try:
-    from kernels import triton_logprobs
+    from minift.kernels import triton_logprobs
     if not triton_logprobs.INTERPRETED:
         triton_logprobs = importlib.reload(triton_logprobs)
     IMPLS = ["torch", "triton"]
@@ -142,7 +142,7 @@ def test_custom_ignore_index_and_nan_gradient_on_ignored_rows(impl):
         torch.testing.assert_close(logp.double(), ref, atol=1e-5, rtol=0)
         assert all(torch.isfinite(gr).all() for gr in grads)
         assert rel_err(grads[0], ref_dx @ weight.detach().double()) < 1e-5
-    with pytest.raises(MinifTError, match="ignore_index"):  # -100 is now just an out-of-range id
+    with pytest.raises(KernelError, match="ignore_index"):  # -100 is now just an out-of-range id
         kernels.token_logprobs(torch.randn(2, V), torch.tensor([3, -100]), ignore_index=7, impl=impl)
 
 
@@ -208,14 +208,14 @@ def test_gradcheck_torch_path():
 def test_bad_input_raises_clear_errors(impl):
     logits = torch.randn(3, 10)
     for bad, where in [(10, "targets[1] = 10"), (-1, "targets[1] = -1")]:
-        with pytest.raises(MinifTError, match=r"outside \[0, 10\)") as e:
+        with pytest.raises(KernelError, match=r"outside \[0, 10\)") as e:
             kernels.token_logprobs(logits, torch.tensor([0, bad, 2]), impl=impl)
         assert where in str(e.value)
-    with pytest.raises(MinifTError, match="shape"):
+    with pytest.raises(KernelError, match="shape"):
         kernels.token_logprobs(logits, torch.tensor([0, 1]), impl=impl)
-    with pytest.raises(MinifTError, match=r"hidden \[N, H\]"):
+    with pytest.raises(KernelError, match=r"hidden \[N, H\]"):
         kernels.linear_token_logprobs(torch.randn(3, 4), torch.randn(10, 5), torch.tensor([0, 1, 2]), impl=impl)
-    with pytest.raises(MinifTError, match="chunk_size"):
+    with pytest.raises(KernelError, match="chunk_size"):
         kernels.linear_token_logprobs(torch.randn(3, 4), torch.randn(10, 4), torch.tensor([0, 1, 2]), impl=impl,
                                       chunk_size=0)
 
@@ -229,13 +229,13 @@ def test_switch_env_var_and_argument(monkeypatch):
     kernels.token_logprobs(logits, t)  # CPU tensors: torch by default
     assert len(calls) == 1
     monkeypatch.setenv("MINIFT_KERNELS", "bogus")
-    with pytest.raises(MinifTError, match="MINIFT_KERNELS"):
+    with pytest.raises(KernelError, match="MINIFT_KERNELS"):
         kernels.token_logprobs(logits, t)
     kernels.token_logprobs(logits, t, impl="torch")  # the argument wins over the variable
     assert len(calls) == 2
     monkeypatch.setenv("MINIFT_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(MinifTError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(KernelError, match="TRITON_INTERPRET=1"):
         kernels.token_logprobs(logits, t)
     # no_grad (reference-model passes): no gradient work in the forward
     with torch.no_grad():

@@ -179,11 +179,10 @@ DPO_BAD_ARGS = [
                          + [("train_dpo.py", a, f) for a, f in DPO_BAD_ARGS])
 def test_bad_arguments_give_one_line_errors(tiny, tmp_path, capsys, script, args, fragment):
     """In-process (the same run_cli wrapper as the command line, without paying for a new interpreter each)."""
-    import importlib
-
+    from minift import cli
     from minift.errors import run_cli
 
-    main = importlib.import_module(script.removesuffix(".py")).main
+    main = {"train_sft.py": cli._sft, "train_dpo.py": cli._dpo}[script]
     data = tiny / ("sft.jsonl" if script == "train_sft.py" else "dpo.jsonl")
     argv = ["--ckpt", tiny / "ckpt", "--data", data, "--out", tmp_path / "out", "--no-progress", "--max-steps", 1]
     with pytest.raises(SystemExit) as exit_:
