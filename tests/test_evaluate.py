@@ -1,5 +1,5 @@
 """Statistics (macro-F1, exact McNemar, paired bootstrap) and the evaluator: errors, a smoke run on a tiny
-random model, batching invariance, and `compare`."""
+random model, batching invariance, and `compare` / `rescore` (minift/compare.py)."""
 import json
 import math
 import os
@@ -128,7 +128,7 @@ def test_smoke_cli_on_tiny_model(tiny_llama, tmp_path):
         if not p["parsed"]:
             assert not p["correct"] and p["id"] in summary["tasks"][p["task"]]["unparsed"]
     # re-scoring the saved outputs reproduces the summary
-    from minift.evaluate import rescore
+    from minift.compare import rescore
 
     again = rescore(str(out))
     assert again["tasks"] == summary["tasks"]
@@ -161,8 +161,8 @@ def _write_run(path, records):
 
 
 def test_compare_finds_a_real_improvement(tmp_path):
+    from minift.compare import compare
     from minift.errors import MinifTError
-    from minift.evaluate import compare
 
     labels = ["current", "past", "absent"] * 20
     a = [{"task": "classification", "id": str(i), "gold": g, "pred": "current", "correct": g == "current",
