@@ -213,3 +213,32 @@ def test_prompts_are_short(built):
     for name, lim in limits.items():
         for k in ("sft", "test"):
             assert max(len(_text(r)) for r in built[name][k]) < lim, (name, k)
+
+
+# ------------------------------------------------------------------------------------- preference pairs
+@pytest.mark.parametrize("name,field", [("classification", "label"), ("reasoning", "letter"),
+                                        ("triage", "provider")])
+def test_bundled_pairs_reject_each_label_about_as_often_as_it_is_chosen(built, name, field):
+    # A label rejected more often than chosen teaches DPO a prior against it (the triage provider collapse).
+    # Per label: share of the rejections vs share of the choices, within 10% of each other (the greedy
+    # balancer keeps them within a count or two of each other).
+    from minift.pairs import label_counts
+
+    labels = label_counts(built[name]["dpo"])[name][field]
+    n_c = sum(c for c, _ in labels.values())
+    n_r = sum(r for _, r in labels.values())
+    for lab, (c, r) in labels.items():
+        assert abs(r / n_r - c / n_c) <= 0.1 * c / n_c, (lab, labels)
+
+
+def test_pairs_keep_prompts_and_only_change_rejected():
+    # the balancer changes which wrong label a pair rejects, never the random draws: sft and test rows are the
+    # same with and without it, and every dpo row carries its gold fields (to score on-policy samples)
+    from minift.tasks.base import Balance
+
+    task = TASKS["triage"]
+    plain = [task.make_case(random.Random(7), "train") for _ in range(1)][0]
+    balanced = task.make_case(random.Random(7), "train", Balance())
+    assert plain.prompt == balanced.prompt and plain.answer == balanced.answer
+    for row in build.build(seed=0)["triage"]["dpo"][:5]:
+        assert row["labels"]["provider"] in row["chosen"][0]["content"]

@@ -36,6 +36,31 @@ class Case:
     answer: str                 # gold completion
     rejected: str               # a plausible wrong completion (a confusable label, a wrong option ...)
     fields: dict = field(default_factory=dict)  # task fields stored on test rows (label, key_facts ...)
+    pair: dict = field(default_factory=dict)    # {label field: (chosen label, rejected label)} of a DPO pair
+
+
+class Balance:
+    """Chooses the wrong label of each preference pair so that, per label field, every label is rejected about
+    as often as it is chosen. DPO raises chosen and lowers rejected log-probs; a label rejected far more
+    often than it is chosen is pushed down across all cases, so a pair set with skewed rejections teaches a
+    label prior instead of the cases."""
+
+    def __init__(self):
+        self.chosen: dict = {}    # {field: {label: count}}
+        self.rejected: dict = {}
+
+    def pick(self, fld: str, gold: str, candidates) -> str:
+        """The candidate (wrong) label rejected least relative to how often it is chosen; ties keep the
+        order of `candidates` (the task lists the most confusable first)."""
+        cho, rej = self.chosen.get(fld, {}), self.rejected.get(fld, {})
+        ranked = [c for c in dict.fromkeys(candidates) if c != gold]
+        return min(ranked, key=lambda c: (rej.get(c, 0) + 1) / (cho.get(c, 0) + 1))
+
+    def record(self, pair: dict) -> None:
+        for fld, (good, bad) in pair.items():
+            self.chosen.setdefault(fld, {})[good] = self.chosen.get(fld, {}).get(good, 0) + 1
+            if bad != good:
+                self.rejected.setdefault(fld, {})[bad] = self.rejected.get(fld, {}).get(bad, 0) + 1
 
 
 def user(text: str) -> list[dict]:
@@ -84,8 +109,14 @@ class Task:
     required: tuple = ("answer",)  # test-row fields the scorer needs besides id and prompt
 
     # --- data -------------------------------------------------------------------------------------
-    def make_case(self, rng: random.Random, split: str) -> Case:
+    def make_case(self, rng: random.Random, split: str, balance: Balance | None = None) -> Case:
+        """A case; with `balance`, its rejected answer's wrong label is chosen by the balancer (the random
+        draws stay the same, so sft and test rows do not depend on how pairs are balanced)."""
         raise NotImplementedError
+
+    def answer_labels(self, text: str) -> dict:
+        """{label field: label} named by an answer (for pair diagnostics); {} for tasks without labels."""
+        return {}
 
     def rows(self, n_sft: int, n_dpo: int, n_test: int, seed: int = 0) -> dict[str, list[dict]]:
         """sft/dpo rows from train pools, test rows from test pools; no prompt repeats anywhere."""
@@ -94,22 +125,26 @@ class Task:
         for kind, n, split, salt in (("sft", n_sft, "train", 1), ("dpo", n_dpo, "train", 2),
                                      ("test", n_test, "test", 3)):
             rng = random.Random(f"{self.name}:{seed}:{salt}")  # str seeds hash the same in every process
+            balance = Balance() if kind == "dpo" else None
             tries = 0
             while len(out[kind]) < n:
                 tries += 1
                 if tries > 50 * n + 100:
                     raise RuntimeError(f"{self.name}: could not draw {n} distinct {kind} cases")
-                case = self.make_case(rng, split)
+                case = self.make_case(rng, split, balance)
                 if case.prompt in seen or case.answer == case.rejected:
                     continue
                 seen.add(case.prompt)
+                if balance is not None:
+                    balance.record(case.pair)
                 rid = f"{self.name}-{kind}-{len(out[kind]):04d}"
                 if kind == "sft":
                     row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
                            "completion": assistant(case.answer)}
                 elif kind == "dpo":
                     row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
-                           "chosen": assistant(case.answer), "rejected": assistant(case.rejected)}
+                           "chosen": assistant(case.answer), "rejected": assistant(case.rejected),
+                           **case.fields}  # the gold's fields: on-policy pairs score samples with them
                 else:
                     row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
                            "answer": case.answer, **case.fields}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from minift import stats
-from minift.tasks.base import Case, Task, find_label, pool
+from minift.tasks.base import Balance, Case, Task, find_label, pool
 
 LABELS = ("current", "past", "absent")
 
@@ -56,7 +56,8 @@ PROMPT = ("Classify {c} in this note. Rule: current = the patient has it now; pa
           "resolved; absent = denied, never had it, only a relative has it, or not mentioned.\n\n"
           "Note: {note}\n\nAnswer with one word: current, past or absent.")
 
-# A confusable wrong label for DPO: current and past are the closest pair.
+# A confusable wrong label for DPO: current and past are the closest pair (the unbalanced draw; the bundled
+# pairs take the balanced choice, listed most confusable first).
 CONFUSE = {"current": ("past", "past", "absent"), "past": ("current", "current", "absent"),
            "absent": ("current", "past")}
 
@@ -76,7 +77,7 @@ class Classification(Task):
         s = STATUS[status].pick(rng, split).format(c=cond, y=rng.randint(2005, 2022), r=rel, r_low=rel.lower())
         return _cap(s)
 
-    def make_case(self, rng: random.Random, split: str) -> Case:
+    def make_case(self, rng: random.Random, split: str, balance: Balance | None = None) -> Case:
         label = rng.choice(LABELS)
         cond, other = rng.sample(CONDITIONS, 2)
         sex = rng.choice(("man", "woman"))
@@ -91,7 +92,13 @@ class Classification(Task):
         rng.shuffle(body)
         note = " ".join([_cap(opener)] + body)
         prompt = PROMPT.format(c=cond, note=note)
-        return Case(prompt, label, rng.choice(CONFUSE[label]), {"label": label})
+        bad = rng.choice(CONFUSE[label])
+        if balance is not None:
+            bad = balance.pick("label", label, CONFUSE[label] + LABELS)
+        return Case(prompt, label, bad, {"label": label}, pair={"label": (label, bad)})
+
+    def answer_labels(self, text: str) -> dict:
+        return {"label": find_label(text, LABELS)}
 
     def score(self, row: dict, output: str) -> dict:
         pred = find_label(output, LABELS)

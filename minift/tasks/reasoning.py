@@ -15,7 +15,7 @@ import re
 
 from minift import stats
 from minift.errors import MinifTError
-from minift.tasks.base import Case, Task, pool
+from minift.tasks.base import Balance, Case, Task, pool
 from minift.tasks.conditions import CONDITIONS
 
 LETTERS = "ABCDE"
@@ -74,7 +74,7 @@ class Reasoning(Task):
     max_new_tokens = 24
     required = ("answer", "label", "options")
 
-    def make_case(self, rng: random.Random, split: str) -> Case:
+    def make_case(self, rng: random.Random, split: str, balance: Balance | None = None) -> Case:
         kind = rng.choice(("name", "name", "test", "tx"))
         pick = [c for c in CONDITIONS if getattr(c, kind) is not None]
         cond = rng.choice(pick)
@@ -96,10 +96,18 @@ class Reasoning(Task):
             age=rng.randint(18 if cond.sex != "woman" else 19, 79), sex=sex, Sex=sex.capitalize(),
             Pron="He" if sex == "man" else "She", sx=_join(sx), hx=rng.choice(cond.hx), signs=_join(signs))
         prompt = format_question(vignette + " " + STEMS[kind].pick(rng, split), options)
-        # Rejected: a same-system wrong option when there is one (the confusable choice).
+        # Rejected: a same-system wrong option when there is one (the confusable choice); balanced over
+        # letters, so that no option letter is pushed down more often than it is the answer.
         bad = next(k for k in LETTERS if options[k] == wrong[0])
+        if balance is not None:
+            confusable = [k for k in LETTERS if options[k] in same] or [k for k in LETTERS if k != letter]
+            bad = balance.pick("letter", letter, [bad] + confusable)
         return Case(prompt, f"{letter}. {gold}", f"{bad}. {options[bad]}",
-                    {"label": letter, "options": options, "kind": kind})
+                    {"label": letter, "options": options, "kind": kind}, pair={"letter": (letter, bad)})
+
+    def answer_labels(self, text: str) -> dict:
+        m = re.match(r"^\W*([A-E])(?![A-Za-z])", text.strip())
+        return {"letter": m.group(1) if m else None}
 
     def score(self, row: dict, output: str) -> dict:
         pred = parse_letter(output, row["options"])

@@ -123,7 +123,7 @@ class Summarization(Task):
     max_new_tokens = 64
     required = ("answer", "key_facts")
 
-    def make_case(self, rng: random.Random, split: str) -> Case:
+    def make_case(self, rng: random.Random, split: str, balance=None) -> Case:
         dx, complaint, finding, med, dose, alt, who = rng.choice(DX)
         m1, m2 = rng.sample([m for m in HOME_MEDS if m != med], 2)
         age, sex, interval = rng.randint(21, 86), rng.choice(("man", "woman")), rng.choice(INTERVALS)

@@ -12,7 +12,7 @@ import re
 
 from minift import stats
 from minift.errors import MinifTError
-from minift.tasks.base import Case, Task, find_label, pool
+from minift.tasks.base import Balance, Case, Task, find_label, pool
 
 PROVIDERS = ("physician", "nurse", "pharmacist", "scheduling")
 URGENCY = ("urgent", "routine")
@@ -139,7 +139,7 @@ class Triage(Task):
     max_new_tokens = 16
     required = ("answer", "labels")
 
-    def make_case(self, rng: random.Random, split: str) -> Case:
+    def make_case(self, rng: random.Random, split: str, balance: Balance | None = None) -> Case:
         prov, urg = rng.choice(PROVIDERS), rng.choice(URGENCY)
         slots = {k: rng.choice(v) for k, v in VOCAB.items()}
         slots["name"] = rng.choice(NAMES)
@@ -150,8 +150,15 @@ class Triage(Task):
         r = rng.random()  # wrong provider (60%), wrong urgency (25%) or both (15%)
         bad_p = rng.choice(CONFUSE[prov]) if r < 0.6 or r >= 0.85 else prov
         bad_u = (URGENCY[1] if urg == URGENCY[0] else URGENCY[0]) if r >= 0.6 else urg
+        if balance is not None and bad_p != prov:
+            bad_p = balance.pick("provider", prov, CONFUSE[prov] + PROVIDERS)
         return Case(PROMPT.format(msg=msg), gold, answer(bad_p, bad_u),
-                    {"labels": {"provider": prov, "urgency": urg}})
+                    {"labels": {"provider": prov, "urgency": urg}},
+                    pair={"provider": (prov, bad_p), "urgency": (urg, bad_u)})
+
+    def answer_labels(self, text: str) -> dict:
+        prov, urg = parse(text)
+        return {"provider": prov, "urgency": urg}
 
     def check_row(self, row: dict, where: str) -> None:
         super().check_row(row, where)
