@@ -1,6 +1,60 @@
 """The console commands (setup.py's entry points): each parses its arguments and calls one function; bad input
-prints one `error: ...` line and exits 2 (errors.run_cli)."""
-from minift.errors import run_cli
+prints one `error: ...` line and exits 2 (errors.run_cli). ArgumentParser, number() and device() make
+argparse's own errors that one line too."""
+import argparse
+import math
+
+from minift.errors import MinifTError, run_cli
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a missing or unknown flag, a value of the wrong kind) are one
+    `error: ...` line and exit 2, like every other bad input, instead of a usage block."""
+
+    def error(self, message):
+        raise MinifTError(f"{message} (see {self.prog} --help)")
+
+
+def number(kind, gt=None, ge=None, lt=None, le=None):
+    """An argparse type: an int or a float that is finite and within the bounds."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} is needed, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        for bound, ok, word in ((gt, lambda b: value > b, "greater than"), (ge, lambda b: value >= b, "at least"),
+                                (lt, lambda b: value < b, "less than"), (le, lambda b: value <= b, "at most")):
+            if bound is not None and not ok(bound):
+                raise argparse.ArgumentTypeError(f"must be {word} {bound}, got {text}")
+        return value
+    return parse
+
+
+SEED = number(int, ge=0, lt=2 ** 32)  # what numpy and torch generators both accept
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def device(text):
+    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine (torch.cuda.is_available() "
+                                         "is False; is this a CPU build of torch?)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (auto, cpu, cuda, cuda:N)")
+    return text
 
 
 def _sft(argv=None):

@@ -12,7 +12,7 @@ Comparing two runs and re-scoring one live in minift/compare.py (same command, s
 """
 from __future__ import annotations
 
-import argparse
+import codecs
 import json
 import sys
 import time
@@ -35,21 +35,33 @@ class EvalConfig:
     batch_size: int = 16         # decode reads all weights per step: bigger batches amortize it
     out: str | None = None       # default runs/eval/<model>_<task>
     max_new_tokens: int | None = None  # default: the task's own
+    device: str = "auto"         # auto: a GPU if there is one (defaults.pick_device)
+    dtype: str = "auto"          # auto: bf16 on a GPU, fp32 on the CPU (defaults.pick_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- data
 def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """[(line number, parsed row)]; blank lines skipped; a UTF-8 byte-order mark at the start is accepted."""
+    path = Path(path)
     if not path.is_file():
-        raise MinifTError(f"{path}: file not found")
+        raise MinifTError(f"{path}: {'a directory, not a JSONL file' if path.is_dir() else 'file not found'}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MinifTError(f"{path}: cannot read ({e.strerror})") from None
+    data = data.removeprefix(codecs.BOM_UTF8)  # Windows editors and spreadsheet exports write a BOM
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise MinifTError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MinifTError(f"{path}:{n}: not UTF-8 text (save the file as UTF-8)") from None
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise MinifTError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     if not rows:
         raise MinifTError(f"{path}: no rows (empty file)")
     return rows
@@ -73,8 +85,8 @@ def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
                 if cfg.task == "all":
                     raise MinifTError(f"{where}: row has no 'task' field; pass --task NAME for this file")
                 name = cfg.task
-            elif name not in TASKS:
-                raise MinifTError(f"{where}: unknown task {name!r}")
+            elif not isinstance(name, str) or name not in TASKS:
+                raise MinifTError(f"{where}: unknown task {name!r}; choose one of {', '.join(TASKS)}")
             if cfg.task != "all" and name != cfg.task:
                 continue  # a mixed file: keep the asked-for task only
             task = TASKS[name]
@@ -97,22 +109,10 @@ def messages(row: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- model
 def load_model(cfg: EvalConfig):
-    if cfg.ckpt is not None:
-        ckpt = Path(cfg.ckpt)
-        if not ckpt.is_dir():
-            raise MinifTError(f"{ckpt}: checkpoint directory not found")
-        if not (ckpt / "tokenizer.json").is_file():
-            raise MinifTError(f"{ckpt}: no tokenizer.json (evaluation needs the checkpoint's tokenizer)")
-    import minift
+    """(model, tokenizer) on cfg.device in cfg.dtype, with cfg.adapter applied."""
+    from minift.generate import load_for_generation
 
-    model, tok = minift.load(cfg.ckpt)
-    if cfg.adapter:
-        if not Path(cfg.adapter).is_dir():
-            raise MinifTError(f"{cfg.adapter}: adapter directory not found")
-        from minift.lora import load_adapter
-
-        load_adapter(model, cfg.adapter)
-    return model.eval(), tok
+    return load_for_generation(cfg.ckpt, cfg.adapter, cfg.device, cfg.dtype)
 
 
 def generate_all(model, tok, rows: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -137,7 +137,8 @@ def run_name(cfg: EvalConfig) -> str:
 
 def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict:
     """Run the evaluation; write predictions.jsonl and summary.json; return the summary."""
-    items = load_items(cfg)  # validate data before the (slow) model load
+    items = load_items(cfg)  # validate data and --out before the (slow) model load
+    out_dir(cfg.out or Path("runs") / "eval" / run_name(cfg))
     if model is None:
         model, tok = load_model(cfg)
     outputs, seconds = {}, {}
@@ -149,10 +150,21 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict:
     return write_run(cfg, items, outputs, seconds)
 
 
+def out_dir(path) -> Path:
+    """Create the output directory; an existing file there (or above it) is one clear error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MinifTError(f"--out {path}: a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent directory should be, no permission ...
+        raise MinifTError(f"--out {path}: cannot create the directory ({e.strerror})") from None
+    return path
+
+
 def write_run(cfg: EvalConfig, items: dict, outputs: dict, seconds: dict) -> dict:
     """Score the outputs; write predictions.jsonl (one record per item) and summary.json."""
-    out = Path(cfg.out or Path("runs") / "eval" / run_name(cfg))
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(cfg.out or Path("runs") / "eval" / run_name(cfg))
     summary = {"config": asdict(cfg), "tasks": {}}
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for name, rows in items.items():
@@ -189,23 +201,27 @@ def main(argv=None) -> None:
 
         compare_main(argv)
         return
-    ap = argparse.ArgumentParser(prog="python -m minift.evaluate", description=__doc__.split("\n\n")[0])
+    from minift.cli import DTYPES, ArgumentParser, device, number
+
+    ap = ArgumentParser(prog="python -m minift.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", default=None, help="HF checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--adapter", default=None, help="LoRA adapter dir (PEFT format)")
     ap.add_argument("--task", default="all", help=f"one of {', '.join(TASKS)}, or all")
     ap.add_argument("--split", default="test")
     ap.add_argument("--data", default=None, help="JSONL file instead of data/<task>/<split>.jsonl")
-    ap.add_argument("--limit", type=int, default=None, help="first N items of each task")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--limit", type=number(int, ge=1), default=None, help="first N items of each task")
+    ap.add_argument("--batch-size", type=number(int, ge=1), default=16)
+    ap.add_argument("--max-new-tokens", type=number(int, ge=1, le=1_000_000), default=None)
     ap.add_argument("--out", default=None, help="output dir (default: runs/eval/<model>_<task>)")
+    ap.add_argument("--device", type=device, default="auto", help="auto (a GPU if there is one), cpu, cuda[:N]")
+    ap.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on a GPU, fp32 on the CPU")
     args = ap.parse_args(argv)
     if args.task != "all":
         get_task(args.task)  # unknown task: a clear error before anything else
-    if args.limit is not None and args.limit < 1:
-        raise MinifTError(f"--limit must be at least 1, got {args.limit}")
+    if "/" in args.split or "\\" in args.split or args.split.startswith("."):
+        raise MinifTError(f"--split {args.split!r}: a split name (test, sft, dpo); use --data for a file")
     cfg = EvalConfig(args.ckpt, args.adapter, args.task, args.split, args.data, args.limit, args.batch_size,
-                     args.out, args.max_new_tokens)
+                     args.out, args.max_new_tokens, args.device, args.dtype)
     summary = evaluate(cfg)
     print_summary(summary)
     for name, s in summary["tasks"].items():

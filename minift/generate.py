@@ -2,12 +2,14 @@
 
     python -m minift.generate --prompt "What is the capital of France?"   # embedded default model
     python -m minift.generate --ckpt DIR --prompt "..." --temperature 0.7 --top-p 0.9
+    python -m minift.generate --device cpu --dtype float32 --prompt "..."  # default: a GPU and bf16 if any
 """
-import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from minift.errors import MinifTError
 from minift.model import KVCache
 
 
@@ -20,27 +22,34 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
         # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p.
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already reaches top_p
-        sorted_p[drop] = 0.0
+        sorted_p = sorted_p.masked_fill(drop, 0.0)  # (not sorted_p[drop] = 0: a boolean index syncs)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=None,
-             stop_ids=None, on_token=None):
+             stop_ids=None, on_tokens=None, check_every=None):
     """prompts: list of token-id lists -> list of the new token ids per prompt (stop token excluded).
 
     Prompts are left-padded to one length; padded keys are masked out and positions count real tokens only,
-    so every row computes what it would compute alone. `on_token(next_ids)` is called after each step."""
+    so every row computes what it would compute alone. The decode loop never waits for the device, except
+    every `check_every` tokens (default: 16 on a GPU, 1 on the CPU, where there is no device to wait for):
+    there it asks whether every row has stopped, and calls `on_tokens(new)` with the tokens since the last
+    call, new (B, k). A row that has stopped emits pads until then; they are cut off at the end."""
     device = model.embed.weight.device
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 16
+    stop_list = sorted(tokenizer.stop_ids if stop_ids is None else stop_ids)
     B, L = len(prompts), max(len(p) for p in prompts)
-    stop = torch.tensor(sorted(tokenizer.stop_ids if stop_ids is None else stop_ids), dtype=torch.long,
-                        device=device)
-    ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=device)  # which cache slots hold tokens
+    # The padded batch is built on the host and copied once (not one small copy per prompt).
+    ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long)
+    valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool)  # which cache slots hold tokens
     for row, p in enumerate(prompts):
         ids[row, L - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[row, L - len(p):L] = True
+    ids, valid = ids.to(device), valid.to(device)
+    stop = torch.tensor(stop_list, dtype=torch.long, device=device)
     positions = (valid[:, :L].long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at each row's first real token
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     # Pad queries may see themselves, so that no attention row is empty (an empty row gives NaN in SDPA).
@@ -50,64 +59,98 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
 
     hidden = model(ids, positions, mask, cache)
     logits = model.lm_head(hidden[:, -1])  # (B, V)
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)  # (B, max_new)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     pos = positions[:, -1:]  # (B, 1)
+    n = reported = 0
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator)
-        nxt = torch.where(finished, torch.full_like(nxt, tokenizer.pad_id), nxt)
-        out = torch.cat([out, nxt[:, None]], dim=1)
+        nxt = sample_next(logits, temperature, top_p, generator)  # (B,), stays on the device
+        nxt = nxt.masked_fill(finished, tokenizer.pad_id)  # a stopped row emits pads
+        out[:, step] = nxt
         finished |= torch.isin(nxt, stop)
-        if on_token is not None:
-            on_token(nxt)
-        if finished.all() or step == max_new_tokens - 1:
+        n = step + 1
+        if n == max_new_tokens:
             break
+        if n % check_every == 0:
+            # The one host-device sync of the loop: the host waits for the device here, every check_every tokens.
+            if on_tokens is not None:
+                on_tokens(out[:, reported:n])
+                reported = n
+            if finished.all():
+                break
         valid[:, L + step] = True
         pos = pos + 1
         hidden = model(nxt[:, None], pos, valid[:, None, :L + step + 1], cache)
         logits = model.lm_head(hidden[:, -1])
+    if on_tokens is not None and reported < n:
+        on_tokens(out[:, reported:n])
     results = []
-    for row in out.tolist():
-        hit = [i for i, t in enumerate(row) if t in set(stop.tolist())]
-        results.append(row[:hit[0]] if hit else row)
+    stop_set = set(stop_list)
+    for row in out[:, :n].tolist():  # one copy to the host
+        hit = next((i for i, t in enumerate(row) if t in stop_set), None)
+        results.append(row[:hit] if hit is not None else row)
     return results
 
 
-def main(argv=None):
+def load_for_generation(ckpt=None, adapter=None, device="auto", dtype="auto"):
+    """(model in eval mode, tokenizer) on the picked device and dtype (defaults.pick_device / pick_dtype: a GPU
+    and bf16 where there is one, else the CPU and fp32), with a LoRA adapter applied. Paths are checked first."""
     from minift.checkpoint import load
+    from minift.defaults import pick_device, pick_dtype
 
-    ap = argparse.ArgumentParser(description="Chat with a checkpoint (its chat template applied); streams the answer.")
+    if ckpt is not None:
+        if not Path(ckpt).is_dir():
+            raise MinifTError(f"--ckpt {ckpt}: {'not a directory' if Path(ckpt).exists() else 'not found'} "
+                              "(an HF checkpoint dir: config.json, *.safetensors, tokenizer.json)")
+        if not (Path(ckpt) / "tokenizer.json").is_file():
+            raise MinifTError(f"--ckpt {ckpt}: no tokenizer.json (generation needs the checkpoint's tokenizer)")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise MinifTError(f"--adapter {adapter}: {'not a directory' if Path(adapter).exists() else 'not found'} "
+                          "(a PEFT adapter dir: adapter_config.json, adapter_model.safetensors)")
+    device = pick_device(device)
+    model, tok = load(ckpt, dtype=pick_dtype(dtype, device), device=device)
+    if adapter is not None:
+        from minift.lora import load_adapter
+
+        load_adapter(model, adapter)
+    return model.eval(), tok
+
+
+def main(argv=None):
+    from minift.cli import DTYPES, SEED, ArgumentParser, device, number
+
+    ap = ArgumentParser(prog="minift-generate",
+                        description="Chat with a checkpoint (its chat template applied); streams the answer.")
     ap.add_argument("--ckpt", default=None, help="HF checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT format) to apply")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--system", default=None, help="an optional system message")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=number(int, ge=1, le=1_000_000), default=128)
+    ap.add_argument("--temperature", type=number(float, ge=0), default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=number(float, gt=0, le=1), default=1.0)
+    ap.add_argument("--seed", type=SEED, default=None)
+    ap.add_argument("--device", type=device, default="auto", help="auto (a GPU if there is one), cpu, cuda[:N]")
+    ap.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on a GPU, fp32 on the CPU")
     args = ap.parse_args(argv)
-    model, tok = load(args.ckpt)
-    if args.adapter:
-        from minift.lora import load_adapter
-
-        load_adapter(model, args.adapter)
+    model, tok = load_for_generation(args.ckpt, args.adapter, args.device, args.dtype)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     prompt = tok.encode_chat(messages, add_generation_prompt=True)
-    new, printed = [], ""
+    new, printed, stopped = [], "", False
 
-    def stream(nxt):
-        nonlocal printed
-        if nxt.item() in tok.stop_ids:
-            return
-        new.append(nxt.item())
+    def stream(chunk):  # chunk (1, k): the tokens since the last call
+        nonlocal printed, stopped
+        for t in chunk[0].tolist():
+            stopped = stopped or t in tok.stop_ids
+            if not stopped:
+                new.append(t)
         text = tok.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
 
-    generate(model, tok, [prompt], args.max_new_tokens, args.temperature, args.top_p, args.seed, on_token=stream)
+    generate(model, tok, [prompt], args.max_new_tokens, args.temperature, args.top_p, args.seed, on_tokens=stream)
     sys.stdout.write("\n")
 
 
