@@ -103,7 +103,7 @@ def trl_run(kind, args, pairs, adapter, work, ckpt_on):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    ckpt = args.ckpt or __import__("minift.gguf", fromlist=["x"]).default_checkpoint()
+    ckpt = args.ckpt or __import__("minift.fetch", fromlist=["x"]).default_checkpoint()
     tok = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=args.dtype).to(args.device)
     # A fresh adapter through peft_config (TRL's reference is then the base, adapters disabled, as minift's
@@ -177,12 +177,10 @@ def minift_run(kind, args, pairs, adapter, work, ckpt_on):
         cfg = DPOConfig(**shared, beta=0.1, loss="sigmoid", layout="shared-prompt",
                         ref="cached" if kind == "dpo_cached" else "adapters-off")
         ref = Reference(cfg.ref, model, out_dir=cfg.out, key_parts={"bench": "peers"}, log=lambda m: None)
-        recipe, examples = DPORecipe(cfg, ref, tok.pad_id, args.device), list(enumerate(pairs))
+        recipe = DPORecipe(ref, cfg.layout, tok.pad_id, args.device, beta=cfg.beta, loss_type=cfg.loss)
+        examples = list(enumerate(pairs))
         if kind == "dpo_cached":  # before training, outside the timed steps (as train_dpo.py does)
-            from minift.batching import dpo_batch
-
-            ref.prepare(lambda: [(dpo_batch(pairs, "shared_prompt", tok.pad_id).to(args.device),
-                                  range(len(pairs)))], len(pairs))
+            ref.prepare(lambda: [recipe.make_batch(examples)], len(pairs))
     trainer = Trainer(cfg, model, recipe, examples, [], cfg.out)
     times, losses, mem = [], [], common.PeakMemory(args.device)
     for _ in range(cfg.max_steps):

@@ -44,7 +44,7 @@ import common  # noqa: E402  (puts the checkout on sys.path)
 from minift import kernels  # noqa: E402
 import minift  # noqa: E402
 from minift import lora  # noqa: E402
-from minift.losses import dpo_losses, dpo_step, sft_loss_sum  # noqa: E402
+from minift.losses import dpo_loss_sums, dpo_losses, sequence_logps, sft_loss_sum  # noqa: E402
 from minift.reference import Reference  # noqa: E402
 
 VARIANTS = {
@@ -98,7 +98,8 @@ class Bench:
         self.P = len(pairs)
         self.ref_live = Reference("adapters-off", model)
         self.ref_cached = Reference("cached", model, out_dir=workdir, key_parts={"bench": "step"}, log=lambda m: None)
-        self.ref_cached.prepare(lambda: [(self.batches["shared_prompt"], range(self.P))], self.P)
+        self.batches["shared-prompt"].index = list(range(self.P))  # the pairs' rows in the cached table
+        self.ref_cached.prepare(lambda: [self.batches["shared-prompt"]], self.P)
         self.start = [p.detach().clone() for p in self.params]
 
     def reset(self):
@@ -118,9 +119,10 @@ class Bench:
 
     def _dpo_minift(self, layout, cached, unpadded=True):
         batch = (self.batches if unpadded else self.padded)[layout]
-        ref = self.ref_cached.logps(batch, range(self.P)) if cached else self.ref_live.logps(batch)
-        loss_sum, n_pairs, _ = dpo_step(self.model, batch, ref, DPO_CFG)
-        return loss_sum / n_pairs
+        policy = sequence_logps(self.model, batch)
+        ref = self.ref_cached.logps(batch) if cached else self.ref_live.logps(batch)
+        loss_sum, _ = dpo_loss_sums(policy, ref, DPO_CFG.beta, DPO_CFG.loss)
+        return loss_sum / self.P
 
     def loss(self, variant):
         if variant == "sft_naive":
@@ -136,12 +138,12 @@ class Bench:
         if variant == "dpo_completion":
             return self._dpo_minift("concat", cached=False, unpadded=False)
         if variant == "dpo_shared":
-            return self._dpo_minift("shared_prompt", cached=False, unpadded=False)
-        return self._dpo_minift("shared_prompt", cached=variant == "dpo_cached")
+            return self._dpo_minift("shared-prompt", cached=False, unpadded=False)
+        return self._dpo_minift("shared-prompt", cached=variant == "dpo_cached")
 
     def step(self, variant):
         if variant == "ref_pass":  # what Reference.prepare runs per batch: no backward, no optimizer
-            return float(self.ref_cached.compute(self.batches["shared_prompt"]).sum())
+            return float(self.ref_cached.compute(self.batches["shared-prompt"]).sum())
         loss = self.loss(variant)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -151,7 +153,7 @@ class Bench:
 
     def flops(self, variant, dims):
         b = self.batches["sft" if variant.startswith("sft") else
-                         "concat" if variant in ("dpo_naive", "dpo_fused", "dpo_completion") else "shared_prompt"]
+                         "concat" if variant in ("dpo_naive", "dpo_fused", "dpo_completion") else "shared-prompt"]
         rows = b.ids.numel() if variant in ("sft_naive", "dpo_naive", "dpo_fused") else b.n_targets
         padded = variant in ("sft_naive", "dpo_naive", "dpo_fused", "dpo_completion", "dpo_shared")
         tokens = b.ids.numel() if padded else b.n_tokens  # slots computed: pads included or not
@@ -249,7 +251,7 @@ def run_shape(args, shape, peak_flops):
         by["dpo_cached"]["ratio_vs_sft_with_cache_build"] = {e: (c + once / e) / sft for e in (1, 3)}
     b = bench.batches
     info = {**common.shape_stats(bench.pairs), "sft_rows_x_T": list(b["sft"].ids.shape),
-            "concat_rows_x_T": list(b["concat"].ids.shape), "shared_rows_x_T": list(b["shared_prompt"].ids.shape),
+            "concat_rows_x_T": list(b["concat"].ids.shape), "shared_rows_x_T": list(b["shared-prompt"].ids.shape),
             "completion_rows": b["concat"].n_targets}
     return info, rows
 

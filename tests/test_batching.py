@@ -1,5 +1,5 @@
 """Batch layouts: the flat (pred_index, targets, segment) lists, the shared-prompt mask, and the proof that the
-shared_prompt layout gives the same per-sequence log-probs and gradients as concat (and as each sequence run
+shared-prompt layout gives the same per-sequence log-probs and gradients as concat (and as each sequence run
 alone in fp64) on tiny Llama and Mistral (sliding window shorter than the rows) checkpoints."""
 import copy
 
@@ -25,7 +25,7 @@ def test_sft_batch_targets_are_next_tokens_and_never_pads():
     assert torch.equal(flat[b.pred_index + 1], b.targets)  # hidden at t predicts token t+1
     assert b.targets.tolist() == [7, 8, 10, 2, 4, 5] and b.segment.tolist() == [0, 0, 1, 2, 2, 2]
     hidden = torch.arange(18.0).reshape(3, 6, 1)  # (B, T, H=1): value = flat index
-    assert b.select(hidden)[:, 0].long().tolist() == b.pred_index.tolist()
+    assert hidden.flatten(0, 1)[b.pred_index][:, 0].long().tolist() == b.pred_index.tolist()
     with pytest.raises(MinifTError, match="token 0"):
         sft_batch([SFTExample([1, 2], [True, True])])
 
@@ -35,7 +35,7 @@ PAIRS = [PrefExample([11, 12], [21, 22], [31], where="f:1"),  # (p, c, r) = (2, 
 
 
 def test_shared_prompt_rows_mask_and_positions_by_hand():
-    b = dpo_batch(PAIRS, "shared_prompt", pad_id=PAD)
+    b = dpo_batch(PAIRS, "shared-prompt", pad_id=PAD)
     assert b.ids.tolist() == [[11, 12, 21, 22, 31], [13, 23, 33, 34, 35]]
     assert b.positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 3]]
     T, F = 1, 0
@@ -58,14 +58,14 @@ def test_shared_prompt_rows_mask_and_positions_by_hand():
 
 def test_shared_prompt_pads_attend_to_themselves_only():
     pairs = PAIRS + [PrefExample([1], [4], [5])]  # a row of 3 beside rows of 5: two pad slots
-    b = dpo_batch(pairs, "shared_prompt", pad_id=PAD)
+    b = dpo_batch(pairs, "shared-prompt", pad_id=PAD)
     assert b.ids[2].tolist() == [1, 4, 5, PAD, PAD]
     assert b.mask[2, 3].tolist() == [False, False, False, True, False] and b.mask.any(-1).all()
     assert not b.mask[2, :3, 3:].any()  # no real token sees a pad
 
 
 def test_concat_rows_and_same_targets_as_shared():
-    c, s = dpo_batch(PAIRS, "concat", pad_id=PAD), dpo_batch(PAIRS, "shared_prompt", pad_id=PAD)
+    c, s = dpo_batch(PAIRS, "concat", pad_id=PAD), dpo_batch(PAIRS, "shared-prompt", pad_id=PAD)
     assert c.ids.tolist() == [[11, 12, 21, 22], [13, 23, PAD, PAD], [11, 12, 31, PAD], [13, 33, 34, 35]]
     assert c.mask is None and c.n_tokens == 13 and c.n_seqs == 4
     assert torch.equal(c.ids.reshape(-1)[c.pred_index + 1], c.targets)
@@ -73,13 +73,13 @@ def test_concat_rows_and_same_targets_as_shared():
 
 
 def test_bad_layout_and_empty_inputs():
-    assert torch.equal(dpo_batch(PAIRS, "shared-prompt").mask, dpo_batch(PAIRS, "shared_prompt").mask)
-    with pytest.raises(MinifTError, match="unknown DPO layout 'packed'"):
-        dpo_batch(PAIRS, "packed")
+    for wrong in ("packed", "shared_prompt"):  # one spelling of each layout name
+        with pytest.raises(MinifTError, match=f"unknown DPO layout '{wrong}'"):
+            dpo_batch(PAIRS, wrong)
     with pytest.raises(MinifTError, match="f:9: prompt, chosen and rejected"):
         dpo_batch([PrefExample([], [1], [2], where="f:9")], "concat")
     with pytest.raises(MinifTError, match="no pairs"):
-        dpo_batch([], "shared_prompt")
+        dpo_batch([], "shared-prompt")
 
 
 # ---- layout equivalence on real (tiny) models ----
@@ -110,7 +110,7 @@ def model(request, tiny_llama, tmp_path_factory):
 def seq_logps(model, batch):
     """Per-sequence sums of target log-probs: fp64 log_softmax of the selected logits, summed by segment."""
     hidden = model(**batch.model_inputs())  # (B, T, H)
-    logits = model.lm_head(batch.select(hidden)).double()  # (M, V)
+    logits = model.lm_head(hidden.flatten(0, 1)[batch.pred_index]).double()  # (M, V)
     lp = torch.log_softmax(logits, -1).gather(1, batch.targets[:, None])[:, 0]  # (M,)
     return torch.zeros(batch.n_seqs, dtype=lp.dtype).index_add(0, batch.segment, lp)
 
@@ -133,16 +133,16 @@ def test_layouts_give_the_same_sequence_logps(model):
     pairs = make_pairs()
     with torch.no_grad():
         got = {lay: seq_logps(model, dpo_batch(pairs, lay, pad_id=PAD)) for lay in LAYOUTS}
-        hidden = model(**dpo_batch(pairs, "shared_prompt", pad_id=PAD).model_inputs())
+        hidden = model(**dpo_batch(pairs, "shared-prompt", pad_id=PAD).model_inputs())
     assert torch.isfinite(hidden).all()  # pad rows are not empty attention rows (no NaN)
     ref = alone_fp64(model, pairs)
     # Sums of up to 12 log-probs of size ~6 (random model, V=300; sums up to ~70) from fp32 hidden states:
     # measured differences are ~2e-7, so 1e-5 absolute leaves room for other BLAS builds; a wrong mask or
     # position changes them by > 1e-2 (checked below).
-    torch.testing.assert_close(got["shared_prompt"], got["concat"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["shared-prompt"], got["concat"], rtol=0, atol=1e-5)
     torch.testing.assert_close(got["concat"], ref, rtol=0, atol=1e-5)
     # the layouts must matter: the shared row read with a plain causal mask (rejected sees chosen) differs
-    b = dpo_batch(pairs, "shared_prompt", pad_id=PAD)
+    b = dpo_batch(pairs, "shared-prompt", pad_id=PAD)
     b.mask = None
     with torch.no_grad():
         assert (seq_logps(model, b) - ref)[len(pairs):].abs().max() > 1e-2
@@ -170,5 +170,5 @@ def test_layouts_give_the_same_gradients(model):
         # difference 5.5e-7 of each tensor's largest entry, allowed 5e-6 of it. Relative to the tensor's
         # scale, not per entry, so that near-zero entries need not match to a few ulps of themselves.
         scale = g.abs().max().item()
-        torch.testing.assert_close(grads["shared_prompt"][name], g, rtol=0, atol=5e-6 * scale, msg=name)
+        torch.testing.assert_close(grads["shared-prompt"][name], g, rtol=0, atol=5e-6 * scale, msg=name)
         assert scale > 0, name

@@ -159,6 +159,20 @@ def test_extra_fields_are_kept(tmp_path, tok):
     assert ex.meta == {"id": "r1", "task": "dose", "score": 0.5} and ex.where == f"{path}:1"
 
 
+def test_a_utf8_byte_order_mark_is_not_data(tmp_path, tok):
+    """Windows editors and spreadsheet exports start files with EF BB BF: the rows are the same rows."""
+    plain = write(tmp_path / "plain.jsonl", [GOOD_PREF, GOOD_PREF])
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    got, want = read_preferences(bom, tok), read_preferences(plain, tok)
+    assert [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in got] == \
+        [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in want]
+    inner = tmp_path / "inner.jsonl"  # a mark anywhere but at the start is a bad row, named by its line
+    inner.write_bytes(plain.read_bytes() + b"\xef\xbb\xbf" + plain.read_bytes().splitlines()[0] + b"\n")
+    with pytest.raises(MinifTError, match=f"{inner}:3: invalid JSON"):
+        read_preferences(inner, tok)
+
+
 # ---- the prefix guarantee ----
 def test_plain_prompt_completion_ids_are_separate_encodings(tmp_path, tok):
     # "th" + "e there": encoded jointly BPE merges "the" across the boundary; we must not.

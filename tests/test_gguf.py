@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from minift.errors import MinifTError
-from minift.gguf import convert_gguf, default_checkpoint, default_gguf, main
+from minift.fetch import default_checkpoint, default_gguf
+from minift.gguf import convert_gguf, main
 from minift.tokenizer import Tokenizer
 
 from conftest import make_hf_model

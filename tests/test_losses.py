@@ -19,7 +19,7 @@ from minift.reference import Reference
 TOL = dict(rtol=1e-5, atol=1e-5)
 BETA = 3.5  # large: the tiny random model's log-ratios are small (|delta| < 1); this puts beta*delta at
 # [0.6, 1.2, -2.1] for the pairs below, so the losses are in their nonlinear range and hinge's relu clips one pair
-LAYOUT_CONCAT, LAYOUT_SHARED = "concat", "shared_prompt"
+LAYOUT_CONCAT, LAYOUT_SHARED = "concat", "shared-prompt"
 
 
 def make_pairs(n=3, seed=0):
@@ -107,8 +107,8 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 def ours(model, pairs, loss, eps=0.0, sft_weight=0.0, layout=LAYOUT_CONCAT, backward=False):
     batch = batching.dpo_batch(pairs, layout)
     ref = Reference("adapters-off", model).logps(batch)
-    cfg = types.SimpleNamespace(beta=BETA, loss=loss, label_smoothing=eps, sft_weight=sft_weight)
-    loss_sum, P, sums = losses.dpo_step(model, batch, ref, cfg)
+    loss_sum, sums = losses.dpo_loss_sums(losses.sequence_logps(model, batch), ref, BETA, loss, eps, sft_weight)
+    P = len(pairs)
     if backward:
         model.zero_grad(set_to_none=True)
         (loss_sum / P).backward()
@@ -209,14 +209,15 @@ def test_micro_batches_sum_to_the_step(setup):
     """Sums over two micro-batches / total pairs = one batch of all pairs (loss and metrics)."""
     model, _, _, _, pairs = setup
     pairs = pairs + make_pairs(1, seed=5)
-    cfg = types.SimpleNamespace(beta=BETA, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
     ref = Reference("adapters-off", model)
-    whole = batching.dpo_batch(pairs, LAYOUT_CONCAT)
-    loss_all, n_all, _ = losses.dpo_step(model, whole, ref.logps(whole), cfg)
+
+    def loss_sum(batch):
+        return losses.dpo_loss_sums(losses.sequence_logps(model, batch), ref.logps(batch), BETA)[0]
+
+    loss_all = loss_sum(batching.dpo_batch(pairs, LAYOUT_CONCAT))
     parts = [batching.dpo_batch(pairs[:2], LAYOUT_CONCAT), batching.dpo_batch(pairs[2:], LAYOUT_CONCAT)]
-    outs = [losses.dpo_step(model, b, ref.logps(b), cfg) for b in parts]
-    assert sum(o[1] for o in outs) == n_all == 4
-    torch.testing.assert_close(sum(o[0] for o in outs) / 4, loss_all / 4, **TOL)
+    assert len(pairs) == 4
+    torch.testing.assert_close(sum(loss_sum(b) for b in parts) / 4, loss_all / 4, **TOL)
 
 
 def test_policy_equals_reference_at_start(setup):
@@ -225,8 +226,8 @@ def test_policy_equals_reference_at_start(setup):
     m = copy.deepcopy(model)
     lora.add_adapter_copy(m, "default", "reference")
     batch = batching.dpo_batch(pairs, LAYOUT_CONCAT)
-    cfg = types.SimpleNamespace(beta=BETA, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
-    loss_sum, P, sums = losses.dpo_step(m, batch, Reference("adapter", m).logps(batch), cfg)
+    loss_sum, sums = losses.dpo_loss_sums(losses.sequence_logps(m, batch), Reference("adapter", m).logps(batch), BETA)
+    P = len(pairs)
     assert (loss_sum / P).item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
     assert float(sums["rewards/margins"]) == pytest.approx(0.0, abs=1e-6)
 
@@ -246,9 +247,8 @@ def test_sft_loss_matches_hf(setup):
 def test_bad_inputs(setup):
     model, _, _, _, pairs = setup
     batch = batching.dpo_batch(pairs, LAYOUT_CONCAT)
-    cfg = types.SimpleNamespace(beta=BETA, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
     with pytest.raises(losses.MinifTError, match=r"ref_logps must have shape \[6\]"):
-        losses.dpo_step(model, batch, torch.zeros(4), cfg)
+        losses.dpo_loss_sums(losses.sequence_logps(model, batch), torch.zeros(4), BETA)
     with pytest.raises(losses.MinifTError, match="unknown loss type 'kto'"):
         losses.dpo_losses(*torch.zeros(4, 2), BETA, "kto")
     with pytest.raises(losses.MinifTError, match="ipo"):

@@ -45,9 +45,15 @@ def load_pairs(env, max_length=64):
     return data.read_preferences(env["data"], Tokenizer.from_dir(env["tok_dir"]), max_length=max_length)
 
 
+def at(batch, index):
+    """The batch with its pairs' rows in the data set (what a cached lookup reads)."""
+    batch.index = list(index)
+    return batch
+
+
 def batches(pairs, bs=3):
-    """(batch, example indices) over the whole set, in micro-batches of bs pairs."""
-    return lambda: [(batching.dpo_batch(pairs[i:i + bs], LAYOUT), range(i, min(i + bs, len(pairs))))
+    """Batches over the whole set, in micro-batches of bs pairs, each with its pairs' indices."""
+    return lambda: [at(batching.dpo_batch(pairs[i:i + bs], LAYOUT), range(i, min(i + bs, len(pairs))))
                     for i in range(0, len(pairs), bs)]
 
 
@@ -71,7 +77,7 @@ def test_cached_equals_on_the_fly_and_is_reused(env):
     for i in range(len(pairs)):  # other micro-batch shapes than the precompute pass used: fp32 rounding only
         idx = [i, (i + 1) % len(pairs)]
         batch = batching.dpo_batch([pairs[j] for j in idx], LAYOUT)
-        torch.testing.assert_close(ref.logps(batch, idx), live.logps(batch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref.logps(at(batch, idx)), live.logps(batch), rtol=1e-5, atol=1e-5)
     # the adapters-off reference is the base model, not the policy
     batch = batching.dpo_batch(pairs[:2], LAYOUT)
     assert (losses.sequence_logps(env["model"], batch).logps - live.logps(batch)).abs().max() > 1e-3
@@ -80,7 +86,7 @@ def test_cached_equals_on_the_fly_and_is_reused(env):
                       key_parts=key_parts(env["data"], env["tok_dir"], max_length=64))
     assert again.prepare(must_not_run, len(pairs)) == "reused"
     assert "reusing" in logs[-1]
-    torch.testing.assert_close(again.logps(batch, [0, 1]), ref.logps(batch, [0, 1]), rtol=0, atol=0)
+    torch.testing.assert_close(again.logps(at(batch, [0, 1])), ref.logps(at(batch, [0, 1])), rtol=0, atol=0)
 
 
 def change_data(env):
@@ -114,9 +120,9 @@ def test_stale_cache_is_detected_and_recomputed(env, change):
     live = Reference("adapters-off", env["model"])
     batch = batching.dpo_batch(pairs, LAYOUT)
     idx = list(range(len(pairs)))
-    torch.testing.assert_close(ref.logps(batch, idx), live.logps(batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.logps(at(batch, idx)), live.logps(batch), rtol=1e-5, atol=1e-5)
     if change in (change_data, change_base_weight):  # the numbers themselves changed, and were not reused
-        assert not torch.equal(ref.logps(batch, idx), first.logps(batch, idx))
+        assert not torch.equal(ref.logps(at(batch, idx)), first.logps(at(batch, idx)))
     # the rewritten file now carries the new key
     assert cached(env, pairs, max_length=max_length)[1] == "reused"
 
@@ -169,9 +175,9 @@ def test_bad_use(env):
     ref = Reference("cached", model, out_dir=env["out"], key_parts={})
     batch = batching.dpo_batch(pairs[:2], LAYOUT)
     with pytest.raises(MinifTError, match="call prepare"):
-        ref.logps(batch, [0, 1])
+        ref.logps(at(batch, [0, 1]))
     ref.prepare(batches(pairs), len(pairs))
-    with pytest.raises(MinifTError, match="needs the example indices"):
-        ref.logps(batch)
+    with pytest.raises(MinifTError, match=r"the batch has no \.index"):
+        ref.logps(batching.dpo_batch(pairs[:2], LAYOUT))
     with pytest.raises(MinifTError, match="no log-probs"):  # a pass that skipped an example
         Reference("cached", model, out_dir=env["out"] / "x").prepare(batches(pairs[:2]), len(pairs))

@@ -182,14 +182,6 @@ def test_named_template_list_and_save_roundtrip(tmp_path):
     assert again.encode(TEXT) == tok.encode(TEXT) and again.eos_id == tok.eos_id
 
 
-def test_prompt_completion_split_is_a_prefix(pair):
-    _, ours, _ = pair
-    for prompt, completion in [("The patient", " reports pain"), ("The patient ", "reports pain"), ("a", "")]:
-        p, c = ours.encode_prompt_completion(prompt, completion)
-        assert p == ours.encode(prompt)
-        assert ours.decode(p + c) == prompt + completion
-
-
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(MinifTError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)

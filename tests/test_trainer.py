@@ -52,7 +52,8 @@ def grads_after_one_step(tiny, recipe_kind, batch_size, grad_accum):
     else:
         cfg = DPOConfig(batch_size=batch_size, grad_accum=grad_accum, progress=False, sft_weight=0.0)
         examples = list(enumerate(read_preferences(tiny / "dpo.jsonl", tok)))
-        recipe = DPORecipe(cfg, Reference("adapters-off", model), tok.pad_id, "cpu")
+        recipe = DPORecipe(Reference("adapters-off", model), cfg.layout, tok.pad_id, "cpu", beta=cfg.beta,
+                           loss_type=cfg.loss)
     trainer = Trainer(cfg, model, recipe, examples, [], tiny / f"out_{recipe_kind}_{batch_size}")
     out = trainer.train_step(examples[:8])
     return out, {n: p.grad.clone() for n, p in trainer.params.items()}
@@ -165,13 +166,27 @@ BAD_ARGS = [
     (["--device", "tpu"], "--device"),
     (["--lora-targets", "wq"], "wq"),
     (["--resume"], "checkpoint"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lora-alpha", "-8"], "--lora-alpha must be greater than 0"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be greater than 0"),  # a negative norm would flip the gradient
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--epochs", "inf"], "--epochs must be a finite number"),
+    (["--warmup-steps", "-2"], "--warmup-steps must be at least -1"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--dtype", "float16"], "loss scaling"),
+    (["--data", "/"], "is a directory"),
+    (["--ckpt", "/proc/version"], "not a directory"),
+    (["--out", "/proc/version"], "is a file"),
 ]
 DPO_BAD_ARGS = [
     (["--beta", "0"], "--beta"),
     (["--label-smoothing", "0.7"], "--label-smoothing"),
     (["--ref", "adapter"], "--adapter"),
     (["--adapter", "/no/adapter"], "/no/adapter"),
-    (["--loss", "kto"], "invalid choice"),
+    (["--loss", "nope"], "invalid choice"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+    (["--sft-weight", "-1"], "--sft-weight must be at least 0"),
 ]
 
 
