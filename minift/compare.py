@@ -70,7 +70,13 @@ def rescore(run: str) -> dict:
             and set(old["config"]) <= known):
         raise MinifTError(f"{path}: not an evaluation summary (needs 'config' with {', '.join(sorted(known))} "
                           "and 'tasks')")
-    cfg = EvalConfig(**dict(old["config"], out=str(run)))
+    c = old["config"]
+    for key, ok in (("task", lambda v: isinstance(v, str)), ("split", lambda v: isinstance(v, str)),
+                    ("data", lambda v: v is None or isinstance(v, str)),
+                    ("limit", lambda v: v is None or (isinstance(v, int) and v >= 1))):
+        if key in c and not ok(c[key]):
+            raise MinifTError(f"{path}: config {key!r} is {c[key]!r}, not what an evaluation writes")
+    cfg = EvalConfig(**dict(c, out=str(run)))
     preds = read_run(run)
     items = load_items(cfg)
     outputs = {}

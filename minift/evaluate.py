@@ -92,6 +92,7 @@ def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
             task = TASKS[name]
             row = task.normalize_row(row, where)
             task.check_row(row, where)
+            check_row(task, row, where)
             row = dict(row, id=str(row.get("id", where)))
             if row["id"] in seen.setdefault(name, set()):
                 raise MinifTError(f"{where}: duplicate id {row['id']!r} (items are paired across runs by id)")
@@ -101,6 +102,25 @@ def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
     if not out:
         raise MinifTError(f"{cfg.data}: no rows for task {cfg.task!r}")
     return out
+
+
+def check_row(task, row: dict, where: str) -> None:
+    """What the task's own check leaves open, found before the model runs rather than after: prompt messages
+    a chat template can read, a gold label the task knows, and fields its scorer can read (scored once on an
+    empty answer)."""
+    if isinstance(row["prompt"], list):
+        for m in row["prompt"]:
+            if not (isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise MinifTError(f"{where}: each prompt message needs 'role' and 'content' strings, got {m}")
+    labels = getattr(task, "labels", None)
+    if labels and "label" in row and row["label"] not in labels:
+        raise MinifTError(f"{where}: label {row['label']!r} is not one of {', '.join(labels)}")
+    if isinstance(row.get("options"), dict) and "label" in row and row["label"] not in row["options"]:
+        raise MinifTError(f"{where}: label {row['label']!r} is not one of the options {', '.join(row['options'])}")
+    try:
+        task.score(row, "")
+    except Exception as e:  # noqa: BLE001  the scorer is pure Python on this row: any failure is the row's
+        raise MinifTError(f"{where}: task {task.name!r} cannot score this row ({type(e).__name__}: {e})") from None
 
 
 def messages(row: dict) -> list[dict]:
@@ -138,7 +158,7 @@ def run_name(cfg: EvalConfig) -> str:
 def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict:
     """Run the evaluation; write predictions.jsonl and summary.json; return the summary."""
     items = load_items(cfg)  # validate data and --out before the (slow) model load
-    out_dir(cfg.out or Path("runs") / "eval" / run_name(cfg))
+    out_dir(cfg.out or Path("runs") / "eval" / run_name(cfg), create=False)
     if model is None:
         model, tok = load_model(cfg)
     outputs, seconds = {}, {}
@@ -150,11 +170,17 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict:
     return write_run(cfg, items, outputs, seconds)
 
 
-def out_dir(path) -> Path:
-    """Create the output directory; an existing file there (or above it) is one clear error."""
+def out_dir(path, create=True) -> Path:
+    """Create the output directory (or, create=False, check that it can be); a file there or above it is one
+    clear error."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MinifTError(f"--out {path}: a file, not a directory")
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise MinifTError(f"--out {path}: cannot create the directory ({above} is a file)")
+    if not create:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a parent directory should be, no permission ...
