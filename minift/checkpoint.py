@@ -98,6 +98,19 @@ def _open(path: Path):
 
 def read_state_dict(ckpt, cfg: ModelConfig, dtype, device) -> dict:
     """Check every name and shape first (one error listing all problems), then read tensors as our names."""
+    files, handles = checked_files(ckpt, cfg)
+    state = {}
+    for name, path in files.items():
+        try:
+            tensor = handles[path].get_tensor(name)
+        except (SafetensorError, OSError) as e:  # e.g. a file truncated after its header
+            raise MinifTError(f"{path}: cannot read tensor {name} ({e})") from None
+        state[from_hf_name(name)] = tensor.to(device=device, dtype=dtype)
+    return state
+
+
+def checked_files(ckpt, cfg: ModelConfig):
+    """(HF name -> file, file -> open handle), after checking every name and shape against the config."""
     ckpt = Path(ckpt)
     files = {n: f for n, f in _tensor_files(ckpt).items() if not n.endswith(IGNORED_SUFFIXES)}
     expected = expected_tensors(cfg)
@@ -114,14 +127,24 @@ def read_state_dict(ckpt, cfg: ModelConfig, dtype, device) -> dict:
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise MinifTError(f"{ckpt}: checkpoint does not match its config.json: {'; '.join(problems[:5])}{more}")
-    state = {}
-    for name, path in files.items():
+    return files, handles
+
+
+class ShardReader:
+    """Reads row ranges of tensors (our names) without reading the rest: what one FSDP rank holds."""
+
+    def __init__(self, ckpt, cfg: ModelConfig):
+        self.files, self.handles = checked_files(ckpt, cfg)
+
+    def rows(self, ours: str, start: int, stop: int) -> torch.Tensor:
+        hf = to_hf_name(ours)
+        if hf not in self.files and ours == "lm_head.weight":
+            hf = to_hf_name("embed.weight")  # tied: the embedding matrix serves both ends
+        path = self.files[hf]
         try:
-            tensor = handles[path].get_tensor(name)
-        except (SafetensorError, OSError) as e:  # e.g. a file truncated after its header
-            raise MinifTError(f"{path}: cannot read tensor {name} ({e})") from None
-        state[from_hf_name(name)] = tensor.to(device=device, dtype=dtype)
-    return state
+            return self.handles[path].get_slice(hf)[start:stop]  # reads only these rows from the file
+        except (SafetensorError, OSError) as e:
+            raise MinifTError(f"{path}: cannot read tensor {hf} ({e})") from None
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -133,16 +156,23 @@ def file_dtype(ckpt) -> torch.dtype:
     return SAFETENSORS_DTYPES.get(_open(path).get_slice(name).get_dtype(), torch.float32)
 
 
-def load_model(ckpt, dtype=None, device="cpu") -> Transformer:
+def load_model(ckpt, dtype=None, device="cpu", shell=False) -> Transformer:
     """Build the Transformer for `ckpt` and fill it. dtype None: fp32 on CPU (bf16 matmuls are ~100x slower
-    there), the file's own dtype elsewhere."""
+    there), the file's own dtype elsewhere. shell=True: the file is checked but no weight is read; each weight
+    is a placeholder without storage (one element at stride 0) until distributed.shard fills this rank's rows,
+    so LoRA can be attached first exactly as on a loaded model (same random init) and no rank holds the model."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise MinifTError(f"{ckpt}: checkpoint directory not found")
     cfg = ModelConfig.from_hf(ckpt)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else file_dtype(ckpt)
-    state = read_state_dict(ckpt, cfg, dtype, device)
+    if shell:
+        checked_files(ckpt, cfg)
+        state = {from_hf_name(n): torch.zeros((), dtype=dtype, device=device).expand(shape)
+                 for n, shape in expected_tensors(cfg).items()}
+    else:
+        state = read_state_dict(ckpt, cfg, dtype, device)
     with torch.device("meta"):
         model = Transformer(cfg)  # no memory, no random init: every weight comes from the file
     model.load_state_dict(state, strict=False, assign=True)
@@ -152,15 +182,15 @@ def load_model(ckpt, dtype=None, device="cpu") -> Transformer:
     return model.eval()
 
 
-def load(ckpt_dir=None, dtype=None, device="cpu"):
+def load(ckpt_dir=None, dtype=None, device="cpu", shell=False):
     """(model, tokenizer) from an HF checkpoint dir; None = the embedded SmolLM2-135M-Instruct."""
     from minift.tokenizer import Tokenizer
 
     if ckpt_dir is None:
-        from minift.gguf import default_checkpoint
+        from minift.fetch import default_checkpoint
 
         ckpt_dir = default_checkpoint()
-    model = load_model(ckpt_dir, dtype=dtype, device=device)
+    model = load_model(ckpt_dir, dtype=dtype, device=device, shell=shell)
     return model, Tokenizer.from_dir(ckpt_dir)
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minift import lora
+from minift import distributed, lora
 from minift.errors import MinifTError
 from minift.losses import token_logps
 
@@ -58,7 +58,7 @@ def tokenizer_digest(tokenizer_dir) -> str:
 
 
 def _update_tensor(h, name, t):
-    t = t.detach()
+    t = distributed.full(t.detach())  # FSDP: the whole tensor (a collective), so every layout hashes alike
     h.update(f"{name}|{t.dtype}|{list(t.shape)}\0".encode())
     # Raw bytes of the tensor as it is in memory (any dtype, bf16 included, viewed as bytes): two different
     # weights can only collide through sha256 itself.
@@ -94,7 +94,8 @@ def key_parts(data_file, tokenizer_dir, **settings) -> dict:
 
 
 def _stderr(msg):
-    print(msg, file=sys.stderr)
+    if distributed.current().main:
+        print(msg, file=sys.stderr)
 
 
 class Reference:
@@ -171,7 +172,8 @@ class Reference:
             return None
         key, parts = self.full_key()
         stored = self._read(n_examples)
-        if stored is not None and stored[0] == key:
+        # Every rank must take the same branch (the pass below is collective): reuse only if all can.
+        if not distributed.any_rank(stored is None or stored[0] != key):
             self.table, self.status = stored[1], "reused"
             self.log(f"reference log-probs: reusing {self.path} (key {key[:12]})")
             return self.status
@@ -186,10 +188,13 @@ class Reference:
         chosen = torch.full((n_examples,), float("nan"))
         rejected = torch.full((n_examples,), float("nan"))
         batches = make_batches() if callable(make_batches) else make_batches
-        for batch in batches:
+        for batch in batches:  # under torchrun: this rank's share of the pairs
             idx = torch.as_tensor(list(batch.index), dtype=torch.long)
             logps = self.compute(batch).float().cpu()
-            chosen[idx], rejected[idx] = logps[: idx.numel()], logps[idx.numel():]
+            if idx.numel():  # empty: a repeat that keeps FSDP's collective forwards in step
+                chosen[idx], rejected[idx] = logps[: idx.numel()], logps[idx.numel():]
+        table = distributed.gather_rows(torch.stack([chosen, rejected], 1), ~torch.isnan(chosen))  # (N, 2)
+        chosen, rejected = table[:, 0].contiguous(), table[:, 1].contiguous()
         missing = torch.isnan(chosen) | torch.isnan(rejected)
         if missing.any():
             raise MinifTError(f"reference 'cached': {int(missing.sum())} of {n_examples} examples got no "
@@ -216,6 +221,8 @@ class Reference:
         return key, table
 
     def _write(self, key, parts):
+        if not distributed.current().main:
+            return  # rank 0 writes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         chosen, rejected = self.table

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from minift import distributed
 from minift.errors import MinifTError
 
 console = Console(stderr=True)
@@ -59,19 +60,22 @@ def atomic_save(obj, path: Path):
 
 class Trainer:
     def __init__(self, cfg, model, recipe, train_examples, eval_examples, out_dir):
-        self.cfg, self.model, self.recipe = cfg, model, recipe
+        self.cfg, self.model, self.recipe = cfg, model, recipe  # model: DDP / FSDP under torchrun
         self.train_examples, self.eval_examples = train_examples, eval_examples
+        self.dist, self.raw = distributed.current(), distributed.unwrap(model)
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {n: p for n, p in self.raw.named_parameters() if p.requires_grad}
+        if self.dist.on and not distributed.is_wrapped(model):  # ranks would train apart, each on its share
+            raise MinifTError("under torchrun the model must be wrapped for --parallel (distributed.wrap)")
         if not self.params:
             raise MinifTError("no trainable parameters (LoRA targets matched no layer?)")
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8)
-        self.per_step = cfg.batch_size * cfg.grad_accum
+        self.per_step = cfg.batch_size * cfg.grad_accum * self.dist.world  # the global batch of one step
         if len(train_examples) < self.per_step:
             raise MinifTError(f"{len(train_examples)} training examples is fewer than one step "
-                              f"(batch-size {cfg.batch_size} x grad-accum {cfg.grad_accum})")
+                              f"(batch-size {cfg.batch_size} x grad-accum {cfg.grad_accum} x {self.dist.world} ranks)")
         steps_per_epoch = len(train_examples) // self.per_step
         self.total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, round(0.1 * self.total_steps))
@@ -82,11 +86,20 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self):
-        atomic_save({"step": self.step, "params": {n: p.detach().clone() for n, p in self.params.items()},
-                     "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                     # LoRA dropout on a GPU draws from the CUDA generators: exact resume needs their state too
-                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                     "python_rng": random.getstate()}, self.ckpt_path)
+        # Under FSDP gathering the parameters and optimizer state is a collective: every rank runs this.
+        params = {n: distributed.full(p.detach()).clone() for n, p in self.params.items()}
+        optimizer = distributed.optimizer_state(self.raw, self.optimizer)
+        rng = distributed.all_gather_object(self.rng_state())  # per rank: each draws its own dropout masks
+        if self.dist.main:
+            atomic_save({"step": self.step, "params": params, "optimizer": optimizer, **rng[0], "rank_rng": rng},
+                        self.ckpt_path)
+        distributed.barrier()  # no rank goes on (or exits) before the file is complete
+
+    @staticmethod
+    def rng_state():
+        # LoRA dropout on a GPU draws from the CUDA generators: exact resume needs their state too
+        return {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def load_checkpoint(self):
         if not self.ckpt_path.is_file():
@@ -100,34 +113,44 @@ class Trainer:
             raise MinifTError(f"{self.ckpt_path}: trainable parameters differ from this run's ({sorted(missing)[0]} ...)")
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(state["params"][n])
-        self.optimizer.load_state_dict(state["optimizer"])
+                distributed.set_local(p, state["params"][n])  # FSDP: this rank's rows
+        distributed.load_optimizer_state(self.raw, self.optimizer, state["optimizer"])
+        ranks = state.get("rank_rng") or []
+        if len(ranks) == self.dist.world:
+            state.update(ranks[self.dist.rank])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
         self.step = state["step"]
         # Keep only the log lines of the steps the checkpoint covers: the steps after it will be run again.
-        if self.metrics_path.is_file():
+        if self.metrics_path.is_file() and self.dist.main:
             kept = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
             self.metrics_path.write_text("".join(l + "\n" for l in kept))
         console.print(f"resumed from {self.ckpt_path} at step {self.step}")
 
     # --- one optimizer step ----------------------------------------------------------------------------------
     def train_step(self, examples):
+        """One step over `examples`: this rank's share of the global batch (all of it in a single process)."""
         self.model.train()
-        total = self.recipe.count(examples)  # the whole step's count: every micro-batch's sums are divided by it
+        # The whole step's count over all ranks: every micro-batch's sums are divided by it. DDP and FSDP average
+        # the ranks' gradients, so each rank scales its backward by the world size: mean_r(W g_r) = sum_r g_r.
+        total = distributed.all_reduce_sum([self.recipe.count(examples)])[0] / self.dist.world
         sums, loss_sum, tokens = {}, 0.0, 0
-        for i in range(0, len(examples), self.cfg.batch_size):
+        starts = range(0, len(examples), self.cfg.batch_size)
+        for i in starts:
             batch = self.recipe.make_batch(examples[i:i + self.cfg.batch_size])
-            loss, metrics = self.recipe.loss_sums(self.model, batch)  # forward (policy, reference) and loss
-            (loss / total).backward()  # gradients accumulate in .grad; this micro-batch's activations are freed
+            with distributed.grad_sync(self.model, i == starts[-1]):  # all-reduce once, after the last micro-batch
+                loss, metrics = self.recipe.loss_sums(self.model, batch)  # forward (policy, reference) and loss
+                (loss / total).backward()  # gradients accumulate in .grad; this micro-batch's activations are freed
             loss_sum += loss.item()  # one host-device sync per micro-batch
             tokens += int(batch.n_tokens)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             del batch, loss, metrics
-        return {"loss": loss_sum / total, **{k: v / total for k, v in sums.items()}, "tokens": tokens}
+        sums = distributed.all_reduce_sum({"loss": loss_sum, "tokens": tokens, **sums})  # over ranks, fp64
+        total *= self.dist.world
+        return {**{k: v / total for k, v in sums.items()}, "tokens": int(sums["tokens"])}
 
     def run_step(self):
         cfg = self.cfg
@@ -135,7 +158,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        out = self.train_step(step_examples(self.train_examples, self.step, self.per_step, cfg.seed))
+        examples = step_examples(self.train_examples, self.step, self.per_step, cfg.seed)
+        out = self.train_step(distributed.rank_share(examples))  # torchrun: this rank's contiguous share
         if not math.isfinite(out["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
             raise MinifTError(f"loss is {out['loss']} at step {self.step + 1}; stopped, "
@@ -145,7 +169,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         seconds = time.perf_counter() - t0
-        out.update(step=self.step, lr=lr, grad_norm=float(grad_norm), seconds=seconds,
+        out.update(step=self.step, lr=lr, grad_norm=float(distributed.full(grad_norm)), seconds=seconds,
                    **{"tokens/s": out["tokens"] / seconds})
         return out
 
@@ -155,14 +179,17 @@ class Trainer:
             return {}
         self.model.eval()
         total, sums = self.recipe.count(self.eval_examples), {}
-        for i in range(0, len(self.eval_examples), self.cfg.batch_size):
-            batch = self.recipe.make_batch(self.eval_examples[i:i + self.cfg.batch_size])
+        # torchrun: each rank evaluates its share, in as many forwards as every other rank (FSDP's are collective)
+        for chunk, real in distributed.balanced_chunks(self.eval_examples, self.cfg.batch_size):
+            batch = self.recipe.make_batch(chunk)
             loss, metrics = self.recipe.loss_sums(self.model, batch)
             for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        return {f"eval/{k}": v / total for k, v in sums.items()}
+                sums[k] = sums.get(k, 0.0) + (float(v) if real else 0.0)
+        return {f"eval/{k}": v / total for k, v in distributed.all_reduce_sum(sums).items()}
 
     def log(self, record):
+        if not self.dist.main:
+            return  # rank 0 writes metrics.jsonl
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -171,18 +198,18 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self.load_checkpoint()
-        elif self.metrics_path.exists():
+        elif self.metrics_path.exists() and self.dist.main:
             self.metrics_path.unlink()  # a fresh run starts a fresh log
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         shown = self.recipe.progress_keys
         try:
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                          console=console, disable=not cfg.progress) as bar:
+                          console=console, disable=not (cfg.progress and self.dist.main)) as bar:
                 task = bar.add_task(self.recipe.name, total=self.total_steps, completed=self.step, info="")
                 if self.step == 0 and cfg.eval_every:
                     self.log({"step": 0, **self.evaluate()})
-                while self.step < self.total_steps and self.stop_signal is None:
+                while self.step < self.total_steps and not self.stopping():
                     record = self.run_step()
                     if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                         record.update(self.evaluate())
@@ -195,11 +222,17 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         self.save_checkpoint()
-        if self.stop_signal is not None:
-            raise MinifTError(f"stopped by {self.stop_signal.name} at step {self.step}; "
+        if self.stopping():  # every rank asks (a collective), so every rank stops alike
+            name = self.stop_signal.name if self.stop_signal else "a signal to another rank"
+            raise MinifTError(f"stopped by {name} at step {self.step}; "
                               f"checkpoint saved, continue with --resume (out: {self.out})")
-        plot_curves(self.metrics_path, self.out / "curves.png", self.recipe.plot_keys)
+        if self.dist.main:
+            plot_curves(self.metrics_path, self.out / "curves.png", self.recipe.plot_keys)
         return self.step
+
+    def stopping(self):
+        """A signal seen by any rank stops every rank after the same step (one tiny all-reduce per step)."""
+        return distributed.any_rank(self.stop_signal is not None)
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum)  # finish the current step, save, then stop
