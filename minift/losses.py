@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from minift.kernels import linear_token_logprobs
 from minift.errors import MinifTError
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # dpo_losses, against a reference
+REFERENCE_FREE = ("simpo", "orpo")  # minift/pref_losses.py: scored from the policy alone, no reference pass
+UNPAIRED = ("kto",)  # minift/pref_losses.py: one completion per example, marked desirable or not
+LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE + UNPAIRED  # train_dpo.py --loss; the first is the default
 
 
 class SeqLogps(NamedTuple):
@@ -106,7 +109,7 @@ def dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, chosen_toke
         flipped = -eps * F.logsigmoid(-beta * delta)
         losses = (clean - flipped) / (1 - 2 * eps)  # unbiased under labels flipped with probability eps
     else:
-        raise MinifTError(f"losses.dpo_losses: unknown loss type {loss_type!r}; one of {', '.join(LOSS_TYPES)}")
+        raise MinifTError(f"losses.dpo_losses: unknown loss type {loss_type!r}; one of {', '.join(DPO_LOSS_TYPES)}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 

@@ -38,10 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from minift.errors import MinifTError
-from minift.losses import SeqLogps, split_pairs
-
-REFERENCE_FREE = ("simpo", "orpo")  # these losses run no reference pass at all
-UNPAIRED = ("kto",)
+from minift.losses import REFERENCE_FREE, UNPAIRED, SeqLogps, split_pairs  # noqa: F401 (the loss names)
 
 
 def _pairs(policy: SeqLogps, where):

@@ -10,7 +10,7 @@ from minift.batching import dpo_batch, sft_batch
 from minift.checkpoint import load
 from minift.defaults import DEFAULT_MODEL_HUB_ID, pick_device, pick_dtype
 from minift.data import read_preferences, read_sft, split_eval
-from minift.losses import dpo_loss_sums, sequence_logps, sft_loss_sum
+from minift.losses import REFERENCE_FREE, UNPAIRED, dpo_loss_sums, sequence_logps, sft_loss_sum
 from minift.reference import Reference, key_parts
 from minift.trainer import Trainer, console
 
@@ -111,6 +111,10 @@ def run_sft(cfg):
 
 
 def run_dpo(cfg):
+    if cfg.loss in REFERENCE_FREE + UNPAIRED:  # simpo, orpo, kto: minift/pref_recipes.py
+        from minift.pref_recipes import run_pref
+
+        return run_pref(cfg)
     model, tok, device = setup(cfg)
     data, train, held = split(cfg, read_preferences, tok)
     if cfg.adapter:

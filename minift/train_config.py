@@ -98,9 +98,16 @@ class DPOConfig(TrainConfig):
     out: str = opt("runs/dpo", "output dir: adapter, metrics.jsonl, checkpoint, curves.png")
     lr: float = opt(5e-5, "peak learning rate", gt=0)
     beta: float = opt(0.1, "DPO temperature: strength of the pull toward the reference", gt=0)
-    loss: str = opt(LOSS_TYPES[0], "DPO loss: " + ", ".join(LOSS_TYPES), choices=LOSS_TYPES)
+    loss: str = opt(LOSS_TYPES[0], "loss: DPO's sigmoid, ipo, hinge, robust; simpo, orpo (no reference model); kto "
+                    "(unpaired rows {prompt, completion, label}, or pairs made into one desirable and one undesirable "
+                    "row)", choices=LOSS_TYPES)
     label_smoothing: float = opt(0.0, "conservative DPO / robust DPO label noise in [0, 0.5)", ge=0, lt=0.5)
-    sft_weight: float = opt(0.0, "weight of an added NLL loss on the chosen completion", ge=0)
+    sft_weight: float = opt(0.0, "weight of an added NLL loss on the chosen completion (simpo: TRL's cpo_alpha)", ge=0)
+    gamma: float = opt(0.5, "simpo: target reward margin (the loss is -logsig(beta (a_w - a_l) - gamma), a = mean "
+                       "log-prob per token)", ge=0)
+    orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL (TRL's beta)", ge=0)
+    desirable_weight: float = opt(1.0, "kto: weight of the desirable examples' losses", ge=0)
+    undesirable_weight: float = opt(1.0, "kto: weight of the undesirable examples' losses", ge=0)
     adapter: str = opt(None, "start from this LoRA adapter dir (PEFT format), e.g. the SFT run's output")
     ref: str = opt(STRATEGIES[0], "reference log-probs: cached (one no-grad pass before training, from the --adapter "
                    "copy when given, else the base; reused by later runs on the same data), or computed in every "

@@ -120,3 +120,71 @@ def test_bad_files_are_one_line_errors(tmp_path, tok, name, rows, match):
     with pytest.raises(MinifTError, match=match) as e:
         read_unpaired(write(tmp_path / "kto.jsonl", rows), tok)
     assert "\n" not in str(e.value)
+
+
+# --- through the command line: train_dpo.py --loss simpo|orpo|kto ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny checkpoint, preference pairs and unpaired rows (a few dozen of a few tokens each)."""
+    from conftest import make_hf_model, save_checkpoint
+
+    d = tmp_path_factory.mktemp("pref_cli")
+    save_checkpoint(make_hf_model("llama", tie_word_embeddings=True), d / "ckpt", shard=False)
+    pairs = [{"prompt": f"is {i} even?", "chosen": " yes" if i % 2 == 0 else " no",
+              "rejected": " no" if i % 2 == 0 else " yes"} for i in range(24)]
+    write(d / "dpo.jsonl", pairs)
+    write(d / "kto.jsonl", [row(p["prompt"], p[k], k == "chosen") for p in pairs for k in ("chosen", "rejected")])
+    return d
+
+
+def run_cli(tiny, tmp_path, capsys, *args):
+    """train_dpo.py in this process (cli._dpo behind run_cli, as the console command): (exit code, stderr)."""
+    from minift import cli
+    from minift.errors import run_cli as wrap
+
+    argv = ["--ckpt", tiny / "ckpt", "--out", tmp_path / "out", "--no-progress", "--max-steps", 2,
+            "--eval-every", 2, "--batch-size", 4, *args]
+    try:
+        wrap(lambda: cli._dpo([str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.slow  # three short training runs: seconds each on a quiet machine
+@pytest.mark.parametrize("loss,data,metric", [("simpo", "dpo.jsonl", "eval/rewards/accuracies"),
+                                              ("orpo", "dpo.jsonl", "eval/log_odds_ratio"),
+                                              ("kto", "kto.jsonl", "eval/rewards/margins")])
+def test_train_dpo_runs_each_loss(tiny, tmp_path, capsys, loss, data, metric):
+    code, err = run_cli(tiny, tmp_path, capsys, "--loss", loss, "--data", tiny / data)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and metric in rows[0] and metric in rows[-1]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    # simpo and orpo run no reference pass (no cache file); kto caches its reference, like DPO
+    assert (tmp_path / "out" / "ref_logps.safetensors").is_file() == (loss == "kto")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--loss", "orpo", "--orpo-lambda", "-0.5"], "error: --orpo-lambda must be at least 0, got -0.5"),
+    (["--loss", "simpo", "--gamma", "-1"], "error: --gamma must be at least 0"),
+    (["--loss", "kto", "--desirable-weight", "-1"], "error: --desirable-weight must be at least 0"),
+])
+def test_bad_flags_are_one_line(tiny, tmp_path, capsys, args, words):
+    code, err = run_cli(tiny, tmp_path, capsys, "--data", tiny / "dpo.jsonl", *args)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(words)
+
+
+@pytest.mark.parametrize("rows,words", [
+    ([row("Q: a?", " b", True), row("Q: c?", " d", "no")], "kto.jsonl:2: field 'label' must be a boolean"),
+    ([row("Q: a?", " b", True), row("Q: c?", " d", True)], "all 2 rows are desirable"),
+])
+def test_bad_kto_files_through_the_cli(tiny, tmp_path, capsys, rows, words):
+    code, err = run_cli(tiny, tmp_path, capsys, "--loss", "kto", "--data", write(tmp_path / "kto.jsonl", rows))
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and words in last
