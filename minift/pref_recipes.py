@@ -9,7 +9,7 @@ table by default, one row per example holding the reference log-probs of (x, y) 
 """
 from pathlib import Path
 
-from minift import lora
+from minift import distributed, lora
 from minift.batching import dpo_batch
 from minift.data import read_preferences
 from minift.losses import REFERENCE_FREE, sequence_logps
@@ -55,16 +55,26 @@ class KTORecipe:
     def count(self, indexed):
         return len(indexed)
 
-    def make_batch(self, indexed):
+    def make_batch(self, indexed, keep=True):
         cpu = kto_batch([ex for _, ex in indexed], self.layout, self.pad_id)
         batch = cpu.to(self.device)
-        batch.index, batch.desirable = [i for i, _ in indexed], cpu.desirable.to(self.device)
+        # keep=False (torchrun): a repeated chunk that only keeps the ranks' forwards in step; its rows not stored
+        batch.index = [i for i, _ in indexed] if keep else []
+        batch.desirable = cpu.desirable.to(self.device)
         return batch
 
     def loss_sums(self, model, batch):
         policy = sequence_logps(model, batch)  # policy forward: (x, y) and (x, y') of each example
         ref_logps = self.reference.logps(batch)  # reference: a cached table lookup, or a no-grad forward
         return kto_loss_sums(policy, ref_logps, batch.desirable, **self.loss_args)
+
+
+def _ckpt_dir(cfg):
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    from minift.fetch import default_checkpoint
+
+    return default_checkpoint()
 
 
 def _start(cfg, model, keep_reference):
@@ -86,7 +96,8 @@ def run_ref_free(cfg):
     args = (dict(beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
             if cfg.loss == "simpo" else dict(orpo_lambda=cfg.orpo_lambda))
     recipe = RefFreeRecipe(cfg.loss, cfg.layout, tok.pad_id, device, **args)
-    Trainer(cfg, model, recipe, train, held, cfg.out).fit()
+    wrapped = distributed.wrap(model, _ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
+    Trainer(cfg, wrapped, recipe, train, held, cfg.out).fit()
     finish(cfg, model, tok, ckpt_name(cfg))
 
 
@@ -104,12 +115,8 @@ def run_kto(cfg):
     console.print(f"data: {data} -> {len(train)} train ({n_good} desirable, {len(train) - n_good} undesirable) / "
                   f"{len(held)} eval examples ({', '.join(f'{k} {v}' for k, v in stats.items())} rows)")
     _start(cfg, model, keep_reference=True)
-    ckpt_dir = Path(cfg.ckpt) if cfg.ckpt else None
-    if ckpt_dir is None:
-        from minift.fetch import default_checkpoint
-
-        ckpt_dir = default_checkpoint()
-    parts = key_parts(data, ckpt_dir, max_length=cfg.max_length, eval_data=cfg.eval_data,
+    wrapped = distributed.wrap(model, _ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
+    parts = key_parts(data, _ckpt_dir(cfg), max_length=cfg.max_length, eval_data=cfg.eval_data,
                       eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any", method="kto")
     reference = Reference(cfg.ref, model, out_dir=cfg.out, key_parts=parts)
     recipe = KTORecipe(reference, cfg.layout, tok.pad_id, device, beta=cfg.beta,
@@ -117,10 +124,10 @@ def run_kto(cfg):
     # Train and eval examples share one index space: the cached table has a row for each.
     indexed = list(enumerate(train + held))
     train_ix, held_ix = indexed[:len(train)], indexed[len(train):]
-    if cfg.ref == "cached":
-        chunks = [indexed[i:i + cfg.batch_size] for i in range(0, len(indexed), cfg.batch_size)]
-        reference.prepare(lambda: (recipe.make_batch(c) for c in chunks), len(indexed))
-    Trainer(cfg, model, recipe, train_ix, held_ix, cfg.out).fit()
+    if cfg.ref == "cached":  # torchrun: each rank computes its share of the table; prepare() gathers it
+        chunks = distributed.balanced_chunks(indexed, cfg.batch_size)
+        reference.prepare(lambda: (recipe.make_batch(c, keep=real) for c, real in chunks), len(indexed))
+    Trainer(cfg, wrapped, recipe, train_ix, held_ix, cfg.out).fit()
     finish(cfg, model, tok, ckpt_name(cfg))
 
 
