@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from minift import lora
+from minift import distributed, lora
 from minift.batching import dpo_batch, sft_batch
 from minift.checkpoint import load
 from minift.defaults import DEFAULT_MODEL_HUB_ID, pick_device, pick_dtype
@@ -49,9 +49,10 @@ class DPORecipe:
     def count(self, indexed):
         return len(indexed)
 
-    def make_batch(self, indexed):
+    def make_batch(self, indexed, keep=True):
         batch = dpo_batch([ex for _, ex in indexed], self.layout, self.pad_id).to(self.device)
-        batch.index = [i for i, _ in indexed]
+        # keep=False: a repeated chunk that only keeps the ranks' forwards in step; its rows are not stored
+        batch.index = [i for i, _ in indexed] if keep else []
         return batch
 
     def loss_sums(self, model, batch):
@@ -63,9 +64,18 @@ class DPORecipe:
 def setup(cfg):
     """Seed, then load the model for the configured device and dtype."""
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    d = distributed.current()  # torchrun: this rank's place (run_sft / run_dpo joined the group); else one process
+    console.quiet = not d.main  # rank 0 alone prints and draws the progress bar
+    device = d.device if d.on else pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    model, tok = load(cfg.ckpt, dtype=dtype, device=device)
+    if cfg.ckpt is None and d.on:  # the embedded model is fetched and converted once, by rank 0
+        if d.main:
+            from minift.fetch import default_checkpoint
+
+            default_checkpoint()
+        distributed.barrier()
+    # FSDP: a shell without weights; distributed.wrap fills each rank's shards after LoRA is attached.
+    model, tok = load(cfg.ckpt, dtype=dtype, device=device, shell=d.parallel == "fsdp")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tok, device
 
@@ -89,27 +99,41 @@ def attach_lora(cfg, model):
 
 
 def finish(cfg, model, tok, ckpt_name):
-    out = Path(cfg.out)
-    (out / "run_config.json").write_text(json.dumps(vars(cfg), indent=2, default=str))
-    lora.save_adapter(model, out, base_model_name_or_path=ckpt_name)
-    if cfg.merge:
-        lora.save_merged(model, tok, out / "merged")
+    out, d = Path(cfg.out), distributed.current()
+    lora_params = [n for n, _ in model.named_parameters() if "lora_" in n]
+    with distributed.gathered(model, lora_params):  # FSDP: every rank gathers the adapter, rank 0 writes it
+        if d.main:
+            (out / "run_config.json").write_text(json.dumps(vars(cfg), indent=2, default=str))
+            lora.save_adapter(model, out, base_model_name_or_path=ckpt_name)
+            if cfg.merge:
+                lora.save_merged(model, tok, out / "merged")
     console.print(f"saved adapter to {out}" + (f" and merged model to {out / 'merged'}" if cfg.merge else ""))
+
+
+def ckpt_dir(cfg):
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    from minift.fetch import default_checkpoint
+
+    return default_checkpoint()
 
 
 def ckpt_name(cfg):
     return str(cfg.ckpt) if cfg.ckpt else DEFAULT_MODEL_HUB_ID
 
 
+@distributed.entry  # torchrun: joins the process group first, leaves it after the run
 def run_sft(cfg):
     model, tok, device = setup(cfg)
     _, train, held = split(cfg, read_sft, tok)
     attach_lora(cfg, model)
     console.print(lora.lora_summary(model))
-    Trainer(cfg, model, SFTRecipe(tok.pad_id, device), train, held, cfg.out).fit()
+    wrapped = distributed.wrap(model, ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
+    Trainer(cfg, wrapped, SFTRecipe(tok.pad_id, device), train, held, cfg.out).fit()
     finish(cfg, model, tok, ckpt_name(cfg))
 
 
+@distributed.entry
 def run_dpo(cfg):
     if cfg.loss in REFERENCE_FREE + UNPAIRED:  # simpo, orpo, kto: minift/pref_recipes.py
         from minift.pref_recipes import run_pref
@@ -124,12 +148,8 @@ def run_dpo(cfg):
     else:
         attach_lora(cfg, model)
     console.print(lora.lora_summary(model))
-    ckpt_dir = Path(cfg.ckpt) if cfg.ckpt else None
-    if ckpt_dir is None:
-        from minift.fetch import default_checkpoint
-
-        ckpt_dir = default_checkpoint()
-    parts = key_parts(data, ckpt_dir, max_length=cfg.max_length, eval_data=cfg.eval_data,
+    wrapped = distributed.wrap(model, ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
+    parts = key_parts(data, ckpt_dir(cfg), max_length=cfg.max_length, eval_data=cfg.eval_data,
                       eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any")
     reference = Reference(cfg.ref, model, out_dir=cfg.out, key_parts=parts)
     recipe = DPORecipe(reference, cfg.layout, tok.pad_id, device, beta=cfg.beta, loss_type=cfg.loss,
@@ -137,8 +157,9 @@ def run_dpo(cfg):
     # Train and eval pairs share one index space: the cached table has a row for each.
     indexed = list(enumerate(train + held))
     train_ix, held_ix = indexed[:len(train)], indexed[len(train):]
-    if cfg.ref == "cached":
-        chunks = [indexed[i:i + cfg.batch_size] for i in range(0, len(indexed), cfg.batch_size)]
-        reference.prepare(lambda: (recipe.make_batch(c) for c in chunks), len(indexed))
-    Trainer(cfg, model, recipe, train_ix, held_ix, cfg.out).fit()
+    if cfg.ref == "cached":  # each rank computes its share of the table; prepare() gathers it
+        chunks = distributed.balanced_chunks(indexed, cfg.batch_size)
+        reference.prepare(lambda: (recipe.make_batch(c, keep=real) for c, real in chunks),
+                          len(indexed))
+    Trainer(cfg, wrapped, recipe, train_ix, held_ix, cfg.out).fit()
     finish(cfg, model, tok, ckpt_name(cfg))

@@ -8,6 +8,7 @@ import torch
 
 from minift.batching import LAYOUTS
 from minift.defaults import bundled
+from minift.distributed import PARALLEL
 from minift.errors import MinifTError
 from minift.losses import LOSS_TYPES
 from minift.reference import STRATEGIES
@@ -62,6 +63,9 @@ class TrainConfig:
     dtype: str = opt("auto", "float32, bfloat16, or auto (fp32 on CPU, bf16 on GPU); float16 is refused: it needs "
                      "loss scaling, which minift does not do (bf16 has fp32's range and needs none)")
     progress: bool = opt(True, "show the rich progress bar")
+    parallel: str = opt("ddp", "under torchrun: ddp (the frozen base on every rank, LoRA gradients all-reduced) or "
+                        "fsdp (every weight sharded over the ranks, for a model one device cannot hold)",
+                        choices=PARALLEL)
 
     def default_data(self):
         return bundled("clinical", "sft")
@@ -83,6 +87,9 @@ class TrainConfig:
             raise MinifTError(f"--out {self.out}: is a file; the output must be a directory")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise MinifTError(f"--device must be cpu, cuda or auto, got {self.device!r}")
+        if self.merge and self.parallel == "fsdp":  # the base weights are sharded over the ranks
+            raise MinifTError("--merge does not work with --parallel fsdp (no rank holds the whole base); "
+                              "merge the saved adapter afterwards in one process")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise MinifTError(f"--device {self.device}: no CUDA device on this machine")
         if self.dtype == "float16":
