@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         # Peers used only to check our numbers; never imported by the runtime path.
-        "test": ["pytest", "transformers", "peft", "trl", "rouge-score", "build"],
+        "test": ["pytest", "transformers", "peft", "trl", "rouge-score", "build",
+                 "kernels"],  # Hugging Face's package of that name, installed beside ours (tests/test_package.py)
     },
     entry_points={
         "console_scripts": [
@@ -32,6 +33,7 @@ setup(
             "minift-dpo = minift.cli:dpo",
             "minift-eval = minift.cli:evaluate",
             "minift-generate = minift.cli:generate",
+            "minift-study = minift.cli:study",
         ],
     },
 )

@@ -84,6 +84,12 @@ def _generate(argv=None):
     main(argv)
 
 
+def _study(argv=None):
+    from minift.study import main
+
+    main(argv)
+
+
 def sft(argv=None):
     return run_cli(lambda: _sft(argv))
 
@@ -98,3 +104,7 @@ def evaluate(argv=None):
 
 def generate(argv=None):
     return run_cli(lambda: _generate(argv))
+
+
+def study(argv=None):
+    return run_cli(lambda: _study(argv))

@@ -134,7 +134,8 @@ def model_sampler(model, tok, temperature: float = 1.0, batch_size: int = 16):
     return sample
 
 
-def on_policy_pairs(rows: list[dict], sample, k: int = 4, seed: int = 0) -> tuple[list[dict], dict]:
+def on_policy_pairs(rows: list[dict], sample, k: int = 4, seed: int = 0,
+                    max_new_tokens: int | None = None) -> tuple[list[dict], dict]:
     """(pairs, {"on-policy": n, "bundled": n}): each row's rejected answer replaced by a wrong sample when one
     of its K samples (`sample`, see model_sampler) scores wrong; chosen stays the gold. Rows must carry their
     task's gold fields (the bundled dpo.jsonl rows do)."""
@@ -148,7 +149,8 @@ def on_policy_pairs(rows: list[dict], sample, k: int = 4, seed: int = 0) -> tupl
     for name in dict.fromkeys(r["task"] for r in rows):  # one generation budget per task
         idx = [i for i, r in enumerate(rows) if r["task"] == name]
         for j in range(k):
-            for i, text in zip(idx, sample([rows[i] for i in idx], TASKS[name].max_new_tokens, seed + 1000 * j)):
+            for i, text in zip(idx, sample([rows[i] for i in idx], max_new_tokens or TASKS[name].max_new_tokens,
+                                          seed + 1000 * j)):
                 samples[i].append(text)
     out, sources, parsed = [], {"on-policy": 0, "bundled": 0}, 0
     for i, row in enumerate(rows):

@@ -1,0 +1,451 @@
+"""The study of Savage et al. (JMIR 2025) in one command: for each model, evaluate the base, SFT, evaluate,
+build preference pairs, DPO from the SFT adapter (reference = SFT), evaluate, and write the report.
+
+    python -m minift.study                                  # embedded SmolLM2-135M, the mixed clinical set
+    python -m minift.study --per-task                       # one SFT + DPO per task (the paper's design)
+    python -m minift.study --ckpt A --ckpt B --seeds 0,1,2 --pairs on-policy --out runs/study
+    python -m minift.study --dpo.beta 0.2 --sft.lr 1e-4     # any train_sft.py / train_dpo.py flag, prefixed
+    python -m minift.study --config study.json              # {"sft": {...}, "dpo": {...}, "study": {...}}
+
+Each phase writes its outputs into its own folder with `phase.json`, which holds a hash of the phase's inputs
+(config, data, model, starting adapter). Running the same command again skips every phase whose hash
+matches and redoes the ones whose inputs changed (a new --dpo.beta reruns DPO and its evaluation only). A
+training phase stopped by Ctrl-C resumes from its checkpoint. Report: OUT/report.md, report.json, report.png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from minift.defaults import bundled
+from minift.errors import MinifTError
+from minift.tasks import TASKS, get_task
+
+
+# --------------------------------------------------------------------------------------------- the arms
+@dataclass(frozen=True)
+class Method:
+    """One arm of the study: what it starts from, its config class, its training data, fixed settings."""
+    name: str
+    start: str          # "base" or the name of another arm whose adapter it continues
+    kind: str           # "sft" (TrainConfig, sft.jsonl) or "pref" (DPOConfig, the study's pairs)
+    fixed: dict = field(default_factory=dict)  # e.g. {"loss": "simpo"}: an arm is DPO with another loss
+
+
+# A new preference method is one line: {"simpo": Method("simpo", "sft", "pref", {"loss": "simpo"})}, or a run
+# from the base: {"orpo": Method("orpo", "base", "pref", {"loss": "orpo"})}. Flags: --simpo.beta ...
+METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref")}
+
+
+@dataclass
+class StudyConfig:
+    ckpt: list = field(default_factory=lambda: [None])  # HF checkpoint dirs; None = the embedded default
+    per_task: bool = False    # one SFT + DPO per task (the paper's design), else one model on the mixed set
+    tasks: str = "all"
+    seeds: str = "0"
+    methods: str = "sft,dpo"
+    pairs: str = "bundled"    # bundled | on-policy
+    k: int = 4                # on-policy: samples per prompt
+    temperature: float = 1.0  # on-policy: sampling temperature
+    limit: int | None = None  # first N test items per task (all by default)
+    max_new_tokens: int | None = None  # generation budget of the evaluations (default: each task's own)
+    test_data: str | None = None  # a test JSONL instead of the bundled one (mixed design)
+    out: str = "runs/study"
+    n_boot: int = 10000
+    train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
+
+    def seed_list(self):
+        try:
+            return [int(s) for s in str(self.seeds).split(",") if s.strip() != ""]
+        except ValueError:
+            raise MinifTError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
+
+    def method_list(self):
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        for m in names:
+            if m not in METHODS:
+                raise MinifTError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+        for m in names:
+            start = METHODS[m].start
+            if start != "base" and start not in names:
+                raise MinifTError(f"--methods: {m} starts from {start}; add {start} to --methods")
+        return [METHODS[m] for m in names]
+
+    def task_list(self):
+        return list(TASKS) if self.tasks == "all" else [get_task(t.strip()).name for t in self.tasks.split(",")]
+
+
+# --------------------------------------------------------------------------------------------- hashing
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(ckpt_dir: Path) -> str:
+    """config.json and tokenizer contents plus weight file names and sizes (hashing GBs of weights on every
+    run would cost more than some phases)."""
+    parts = []
+    for p in sorted(ckpt_dir.iterdir()):
+        if p.suffix in (".json", ".jinja", ".model"):
+            parts.append((p.name, file_digest(p)))
+        elif p.suffix in (".safetensors", ".bin"):
+            parts.append((p.name, p.stat().st_size))
+    return digest(parts)
+
+
+def adapter_digest(adapter_dir) -> str:
+    return digest([file_digest(Path(adapter_dir) / n) for n in ("adapter_model.safetensors", "adapter_config.json")])
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_ckpt(ckpt) -> Path:
+    """The checkpoint dir (the embedded default is fetched/converted on first use); one error if unusable."""
+    if ckpt is None:
+        try:
+            from minift.fetch import default_checkpoint
+        except ImportError:
+            from minift.gguf import default_checkpoint
+        return Path(default_checkpoint())
+    p = Path(ckpt)
+    if not p.is_dir():
+        raise MinifTError(f"--ckpt {ckpt}: checkpoint directory not found")
+    if not (p / "config.json").is_file():
+        raise MinifTError(f"--ckpt {ckpt}: no config.json (not a Hugging Face checkpoint dir)")
+    from minift.config import ModelConfig
+
+    ModelConfig.from_hf(p / "config.json")  # an unsupported architecture fails here, before any phase
+    return p
+
+
+# --------------------------------------------------------------------------------------------- phases
+class Phase:
+    """A folder with phase.json {"key", "done", "seconds", ...}; `run` skips it when done with the same key."""
+
+    def __init__(self, out: Path, name: str, key_parts: dict, log):
+        self.dir, self.name, self.key, self.log = out, name, digest(key_parts), log
+        self.parts = key_parts
+
+    def state(self) -> dict:
+        f = self.dir / "phase.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def done(self) -> bool:
+        s = self.state()
+        return s.get("key") == self.key and s.get("done", False)
+
+    def run(self, fn, resumable=False) -> dict:
+        """fn(resume: bool) -> extra info for phase.json. Returns the phase's state."""
+        if self.done():
+            self.log(f"[skip] {self.name}: up to date ({self.dir})")
+            return self.state()
+        s = self.state()
+        resume = resumable and s.get("key") == self.key and (self.dir / "checkpoint.pt").is_file()
+        if not resume and self.dir.exists():
+            shutil.rmtree(self.dir)  # stale outputs of other inputs
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write({"key": self.key, "done": False, "inputs": self.parts})
+        self.log(f"[run] {self.name}" + (" (resuming)" if resume else "") + f" -> {self.dir}")
+        t0 = time.perf_counter()
+        extra = fn(resume) or {}
+        seconds = time.perf_counter() - t0 + (s.get("seconds_before", 0.0) if resume else 0.0)
+        state = {"key": self.key, "done": True, "seconds": round(seconds, 1), "inputs": self.parts, **extra}
+        self._write(state)
+        self.log(f"[done] {self.name} in {seconds:.0f} s")
+        return state
+
+    def _write(self, state):
+        tmp = self.dir / "phase.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
+        tmp.replace(self.dir / "phase.json")
+
+
+class Tee(io.TextIOBase):
+    """Write to the terminal and keep a copy (the reference pass reports its time on stderr)."""
+
+    def __init__(self, stream):
+        self.stream, self.text = stream, []
+
+    def write(self, s):
+        self.text.append(s)
+        return self.stream.write(s)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def train_config(cfg: StudyConfig, method: Method, seed: int, data: Path, out: Path, adapter: Path | None):
+    from minift.train_config import DPOConfig, TrainConfig
+
+    cls = TrainConfig if method.kind == "sft" else DPOConfig
+    over = dict(cfg.train.get(method.name, {}))
+    known = {f.name for f in fields(cls)}
+    for k in over:
+        if k not in known:
+            raise MinifTError(f"--{method.name}.{k.replace('_', '-')}: not a setting of {cls.__name__}")
+    base = dict(seed=seed, data=str(data), out=str(out), progress=False)
+    if adapter is not None:
+        base["adapter"] = str(adapter)
+    return cls(**{**base, **method.fixed, **over})
+
+
+def train(cfg, method, seed, ckpt_dir, ckpt_arg, data, out, adapter, log) -> Phase:
+    tc = train_config(cfg, method, seed, data, out, adapter)
+    tc.ckpt = ckpt_arg
+    tc.check()
+    parts = {k: v for k, v in asdict(tc).items() if k not in ("out", "progress", "resume", "data", "adapter",
+                                                                "ckpt")}
+    parts.update(data=file_digest(data), model=model_digest(ckpt_dir),
+                 adapter=adapter_digest(adapter) if adapter else None, kind=method.kind)
+    phase = Phase(Path(out), method.name, parts, log)
+
+    def fn(resume):
+        from minift.recipes import run_dpo, run_sft
+
+        tee = Tee(sys.stderr)
+        with contextlib.redirect_stderr(tee):
+            (run_sft if method.kind == "sft" else run_dpo)(replace(tc, resume=resume))
+        ref = [line for line in "".join(tee.text).splitlines() if "reference log-probs: computed" in line]
+        ref_s = float(ref[-1].split(" in ")[1].split(" s")[0]) if ref else 0.0
+        return {"reference_seconds": ref_s, "config": asdict(tc)}
+    phase.state_after = phase.run(fn, resumable=True)
+    return phase
+
+
+def evaluate(cfg, name, ckpt_dir, ckpt_arg, test, tasks, out, adapter, log) -> dict:
+    from minift.evaluate import EvalConfig
+    from minift.evaluate import evaluate as run_eval
+
+    task = tasks[0] if len(tasks) == 1 else "all"
+    ec = EvalConfig(ckpt=ckpt_arg, adapter=str(adapter) if adapter else None, task=task, data=str(test),
+                    limit=cfg.limit, out=str(out), max_new_tokens=cfg.max_new_tokens)
+    parts = {"task": task, "limit": cfg.limit, "test": file_digest(test), "model": model_digest(ckpt_dir),
+             "adapter": adapter_digest(adapter) if adapter else None, "max_new_tokens": ec.max_new_tokens}
+    return Phase(Path(out), name, parts, log).run(lambda resume: {"summary": run_eval(ec)["tasks"]})
+
+
+def make_pairs(cfg, ckpt_dir, ckpt_arg, src: Path, sft_adapter: Path | None, out: Path, seed, log) -> dict:
+    from minift.pairs import (diagnostics_lines, imbalance_warnings, label_counts, model_sampler,
+                              on_policy_pairs, read_pairs, write_pairs)
+
+    parts = {"pairs": cfg.pairs, "data": file_digest(src), "seed": seed}
+    if cfg.pairs == "on-policy":
+        parts.update(k=cfg.k, temperature=cfg.temperature, model=model_digest(ckpt_dir),
+                     adapter=adapter_digest(sft_adapter) if sft_adapter else None)
+
+    def fn(resume):
+        rows = read_pairs(src)
+        sources = {"bundled": len(rows)}
+        if cfg.pairs == "on-policy":
+            import minift
+
+            model, tok = minift.load(ckpt_arg)
+            if sft_adapter is not None:
+                from minift.lora import load_adapter
+
+                load_adapter(model, str(sft_adapter))
+            rows, sources = on_policy_pairs(rows, model_sampler(model.eval(), tok, cfg.temperature), cfg.k, seed,
+                                            cfg.max_new_tokens)
+        write_pairs(out / "pairs.jsonl", rows)
+        counts = label_counts(rows)
+        warnings = imbalance_warnings(counts)
+        for line in diagnostics_lines(counts) + [f"warning: {w}" for w in warnings]:
+            log("  pairs: " + line)
+        return {"sources": sources, "counts": counts, "warnings": warnings}
+    return Phase(out, "pairs", parts, log).run(fn)
+
+
+# --------------------------------------------------------------------------------------------- the study
+def units(cfg: StudyConfig):
+    """[(unit name, tasks, {"sft", "pref", "test"} files)]: the mixed set, or one unit per task."""
+    tasks = cfg.task_list()
+    if cfg.per_task:
+        return [(t, [t], {"sft": bundled(t, "sft"), "pref": bundled(t, "dpo"), "test": bundled(t, "test")})
+                for t in tasks]
+    test = Path(cfg.test_data) if cfg.test_data else bundled("clinical", "test")
+    return [("clinical", tasks, {"sft": bundled("clinical", "sft"), "pref": bundled("clinical", "dpo"),
+                                 "test": test})]
+
+
+def check_inputs(cfg: StudyConfig):
+    """Everything that can be checked before the first (slow) phase."""
+    if cfg.pairs not in ("bundled", "on-policy"):
+        raise MinifTError(f"--pairs must be bundled or on-policy, got {cfg.pairs!r}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise MinifTError(f"--limit must be at least 1, got {cfg.limit}")
+    cfg.seed_list(), cfg.method_list(), cfg.task_list()
+    for name, _, files in units(cfg):
+        for kind, path in files.items():
+            for m in cfg.method_list():
+                over = cfg.train.get(m.name, {})
+                if kind == ("sft" if m.kind == "sft" else "pref") and over.get("data"):
+                    path = Path(over["data"])
+            if not Path(path).is_file():
+                raise MinifTError(f"{path}: file not found")
+            if Path(path).stat().st_size == 0 or not Path(path).read_text(encoding="utf-8").strip():
+                raise MinifTError(f"{path}: no rows (empty file)")
+
+
+def slug(ckpt) -> str:
+    return "default" if ckpt is None else Path(ckpt).resolve().name
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    from minift.study_report import write_report
+
+    check_inputs(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "study.log", "a", encoding="utf-8")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        log_file.flush()
+
+    t_start = time.perf_counter()
+    results = {"config": asdict(cfg), "models": {}}
+    methods = cfg.method_list()
+    for ckpt in cfg.ckpt:
+        ckpt_dir = resolve_ckpt(ckpt)
+        m_out = out / slug(ckpt)
+        model_res = results["models"].setdefault(slug(ckpt), {"ckpt": str(ckpt_dir), "units": {}})
+        for unit, tasks, files in units(cfg):
+            u_out = m_out / unit
+            log(f"== {slug(ckpt)} / {unit}: tasks {', '.join(tasks)}")
+            ures = {"tasks": tasks, "base": None, "seeds": {}}
+            base = evaluate(cfg, "base eval", ckpt_dir, ckpt, files["test"], tasks, u_out / "base_eval", None, log)
+            ures["base"] = {"dir": str(u_out / "base_eval"), "seconds": base["seconds"]}
+            for seed in cfg.seed_list():
+                s_out = u_out / f"seed{seed}"
+                sres, adapters = {}, {"base": None}
+                for m in methods:
+                    start = adapters[m.start]
+                    data = Path(cfg.train.get(m.name, {}).get("data") or files[m.kind])
+                    pairs = None
+                    if m.kind == "pref":
+                        src = data
+                        pairs = make_pairs(cfg, ckpt_dir, ckpt, src, adapters.get("sft"), s_out / "pairs", seed, log)
+                        data = s_out / "pairs" / "pairs.jsonl"
+                    cfg_m = replace(cfg, train={**cfg.train, m.name: {k: v for k, v in
+                                                                       cfg.train.get(m.name, {}).items()
+                                                                       if k != "data"}})
+                    ph = train(cfg_m, m, seed, ckpt_dir, ckpt, data, s_out / m.name, start, log)
+                    adapters[m.name] = s_out / m.name
+                    ev = evaluate(cfg, f"{m.name} eval", ckpt_dir, ckpt, files["test"], tasks,
+                                  s_out / f"{m.name}_eval", s_out / m.name, log)
+                    sres[m.name] = {"train_dir": str(s_out / m.name), "eval_dir": str(s_out / f"{m.name}_eval"),
+                                    "train_seconds": ph.state_after["seconds"],
+                                    "reference_seconds": ph.state_after.get("reference_seconds", 0.0),
+                                    "eval_seconds": ev["seconds"], "start": m.start, "kind": m.kind,
+                                    "pairs": pairs and {k: pairs[k] for k in ("sources", "counts", "warnings")},
+                                    "pairs_seconds": pairs and pairs["seconds"]}
+                ures["seeds"][seed] = sres
+            model_res["units"][unit] = ures
+    results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    paths = write_report(cfg, results, out)
+    log(f"report: {', '.join(str(p) for p in paths)} (this run: {results['wall_seconds']:.0f} s)")
+    log_file.close()
+    return results
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> StudyConfig:
+    ap = argparse.ArgumentParser(prog="python -m minift.study", description=__doc__.split("\n\n")[0],
+                                 epilog="Training flags: --ARM.FLAG VALUE for any flag of train_sft.py (ARM sft) "
+                                        "or train_dpo.py (ARM dpo), e.g. --dpo.beta 0.2 --sft.epochs 2.")
+    ap.add_argument("--ckpt", action="append", default=None,
+                    help="HF checkpoint dir; repeat for several models (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--per-task", action="store_true", help="one SFT + DPO per task (the paper's design)")
+    ap.add_argument("--tasks", default="all", help=f"comma-separated of {', '.join(TASKS)}, or all")
+    ap.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2 (mean and spread in the report)")
+    ap.add_argument("--methods", default="sft,dpo", help=f"arms, of {', '.join(METHODS)}")
+    ap.add_argument("--pairs", default="bundled", help="bundled (data/*/dpo.jsonl) or on-policy (SFT samples)")
+    ap.add_argument("--k", type=int, default=4, help="on-policy: samples per prompt")
+    ap.add_argument("--temperature", type=float, default=1.0, help="on-policy: sampling temperature")
+    ap.add_argument("--limit", type=int, default=None, help="first N test items per task (default: all)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="evaluation budget (default: each task's)")
+    ap.add_argument("--test-data", default=None, help="test JSONL (rows say their task) instead of the bundled")
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--config", default=None, help="JSON file: {\"study\": {...}, \"sft\": {...}, \"dpo\": {...}}")
+    args, rest = ap.parse_known_args(argv)
+    train: dict = {}
+    if args.config:
+        try:
+            conf = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MinifTError(f"--config {args.config}: {e}") from None
+        for k, v in conf.get("study", {}).items():
+            setattr(args, k.replace("-", "_"), v)
+        train = {arm: dict(v) for arm, v in conf.items() if arm != "study"}
+    for arm, over in _prefixed(rest).items():  # flags win over the config file
+        train.setdefault(arm, {}).update(over)
+    return StudyConfig(ckpt=args.ckpt or [None], per_task=args.per_task, tasks=args.tasks, seeds=str(args.seeds),
+                       methods=args.methods, pairs=args.pairs, k=args.k, temperature=args.temperature,
+                       limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data, out=args.out, train=train)
+
+
+def _prefixed(rest: list[str]) -> dict:
+    """--dpo.beta 0.2 --sft.no-merge ... -> {"dpo": {"beta": 0.2}, ...}, typed by the config's fields."""
+    from minift.train_config import DPOConfig, TrainConfig
+
+    out: dict = {}
+    i = 0
+    while i < len(rest):
+        flag = rest[i]
+        if not flag.startswith("--") or "." not in flag:
+            raise MinifTError(f"unknown argument {flag!r} (training flags are --sft.FLAG / --dpo.FLAG)")
+        arm, name = flag[2:].split(".", 1)
+        if "=" in name:
+            name, value = name.split("=", 1)
+            i += 1
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            value, i = rest[i + 1], i + 2
+        else:
+            value, i = None, i + 1
+        if arm not in METHODS:
+            raise MinifTError(f"{flag}: unknown arm {arm!r}; known: {', '.join(METHODS)}")
+        cls = TrainConfig if METHODS[arm].kind == "sft" else DPOConfig
+        key = name.replace("-", "_")
+        neg = key.startswith("no_") and key[3:] in {f.name for f in fields(cls)}
+        key = key[3:] if neg else key
+        f = {f.name: f for f in fields(cls)}.get(key)
+        if f is None:
+            raise MinifTError(f"{flag}: {cls.__name__} has no setting {key!r}")
+        out.setdefault(arm, {})[key] = _typed(flag, f, value, neg)
+    return out
+
+
+def _typed(flag, f, value, neg):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "bool":
+        return not neg if value is None else value.lower() in ("1", "true", "yes")
+    if value is None:
+        raise MinifTError(f"{flag} needs a value")
+    try:
+        return {"int": int, "float": float}.get(kind, str)(value)
+    except ValueError:
+        raise MinifTError(f"{flag}: expected {kind}, got {value!r}") from None
+
+
+def main(argv=None):
+    run_study(parse_args(argv))
+
+
+if __name__ == "__main__":
+    from minift.errors import run_cli
+
+    run_cli(main)

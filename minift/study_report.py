@@ -1,0 +1,286 @@
+"""The study's report: report.md (the paper's table per model, collapse flags, pair diagnostics, compute, phase
+times), report.json (every number of it) and report.png (each task's primary metric with 95% intervals).
+
+p-values come from minift.compare.compare, the code of `python -m minift.evaluate compare`, on the same run
+folders. Over several seeds a cell shows the mean and the spread (sample sd) of the metric, and the p-value
+of each seed's own paired test (seed runs are not pooled: items repeat across seeds, they are not new cases).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from minift import stats
+from minift.compare import compare, read_run
+from minift.tasks import TASKS
+
+# The metric each task is judged by. Summarization: key-fact recall, because the study's clinicians graded
+# whether a summary keeps what matters (diagnosis, new medication, follow-up); ROUGE-L rewards the reference's
+# wording, which a correct summary need not copy. It is reported beside it.
+PRIMARY = {"classification": "macro_f1", "reasoning": "accuracy", "summarization": "fact_recall",
+           "triage": "provider_f1"}
+SECONDARY = {"summarization": ["rouge_l"], "triage": ["urgency_f1"]}
+COLLAPSE = 0.6  # flag a run when one answer is more than 60% of a task's predictions (and not of the gold)
+PAPER_RATIO = "2-3x"  # Savage et al.: DPO took about 2-3 times the compute of SFT
+
+
+def _items(run_dir, task):
+    return [r for (t, _), r in read_run(run_dir).items() if t == task]
+
+
+def label_field(task, rec, which):
+    v = rec[which]
+    return v.get("provider") if task == "triage" and isinstance(v, dict) else v
+
+
+def collapse(run_dir, task):
+    """'answer' n/N when one parsed answer makes up > COLLAPSE of the predictions and less of the gold."""
+    if task == "summarization":
+        return None
+    items = _items(run_dir, task)
+    pred = Counter(label_field(task, r, "pred") for r in items)
+    gold = Counter(label_field(task, r, "gold") for r in items)
+    pred.pop(None, None)  # unparseable answers are not one answer (the evaluation lists them)
+    if not pred:
+        return None
+    top, n = pred.most_common(1)[0]
+    if n / len(items) > COLLAPSE and gold.get(top, 0) / len(items) <= COLLAPSE:
+        return f"'{top}' {n}/{len(items)}"
+    return None
+
+
+def primary_stat(task, items):
+    if task == "classification":
+        return stats.macro_f1_stat([i["gold"] for i in items], [i["pred"] for i in items], ("current", "past", "absent"))
+    if task == "triage":
+        from minift.tasks.triage import PROVIDERS
+
+        return stats.macro_f1_stat([i["gold"]["provider"] for i in items], [i["pred"]["provider"] for i in items],
+                                   PROVIDERS)
+    key = {"reasoning": "correct", "summarization": "fact_recall"}[task]
+    return stats.mean_stat([float(i[key]) for i in items])
+
+
+def interval(run_dir, task, n_boot):
+    """(value, low, high): a run's primary metric with a 95% percentile bootstrap interval."""
+    items = _items(run_dir, task)
+    r = stats.paired_bootstrap(lambda idx: np.zeros(len(idx)), primary_stat(task, items), len(items), n_boot, 0)
+    return r["b"], r["ci_low"], r["ci_high"]
+
+
+_TESTS: dict = {}
+
+
+def tests(run_a, run_b, n_boot):
+    """{(task, metric): result} of compare(); McNemar rows get a paired-bootstrap interval of the difference."""
+    if (run_a, run_b, n_boot) in _TESTS:
+        return _TESTS[(run_a, run_b, n_boot)]
+    out = _TESTS[(run_a, run_b, n_boot)] = {}
+    for r in compare(run_a, run_b, n_boot=n_boot):
+        if "ci_low" not in r:  # McNemar gives a p-value; the interval comes from the same items, resampled
+            a = [float(i["correct"]) for i in _items(run_a, r["task"])]
+            b = [float(i["correct"]) for i in _items(run_b, r["task"])]
+            boot = stats.paired_bootstrap(stats.mean_stat(a), stats.mean_stat(b), len(a), n_boot, 0)
+            r = {**r, "ci_low": boot["ci_low"], "ci_high": boot["ci_high"]}
+        out[(r["task"], r["metric"])] = r
+    return out
+
+
+def summary_metric(run_dir, task, metric):
+    return json.loads((Path(run_dir) / "summary.json").read_text())["tasks"][task][metric]
+
+
+def fmt_mean(vals):
+    return f"{vals[0]:.3f}" if len(vals) == 1 else f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+
+
+def fmt_p(p):
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# --------------------------------------------------------------------------------------------- compute
+def compute(cfg, ckpt_dir, seed_res):
+    """Wall seconds and FLOPs (minift.flops) of each training arm of one seed."""
+    from minift.config import ModelConfig
+    from minift.data import read_preferences, read_sft
+    from minift.flops import Dims, run_flops
+    from minift.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(ckpt_dir)
+    mc = ModelConfig.from_hf(Path(ckpt_dir) / "config.json")
+    out = {}
+    for arm, r in seed_res.items():
+        tc = json.loads((Path(r["train_dir"]) / "phase.json").read_text())["config"]
+        dims = Dims.of(mc, tc["lora_r"])
+        rows = [json.loads(l) for l in (Path(r["train_dir"]) / "metrics.jsonl").read_text().splitlines() if l]
+        steps = [x for x in rows if "seconds" in x]
+        seen = len(steps) * tc["batch_size"] * tc["grad_accum"]
+        if r["kind"] == "sft":
+            ex = read_sft(tc["data"], tok, tc["max_length"])
+            lens = [(e.target_mask.index(True), len(e.ids) - e.target_mask.index(True)) for e in ex]
+            fl = run_flops(dims, sft=lens, examples_seen=seen)
+        else:
+            ex = read_preferences(tc["data"], tok, tc["max_length"])
+            lens = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in ex]
+            fl = run_flops(dims, dpo=lens, examples_seen=seen,
+                           n_pairs_cached=len(ex) if tc.get("ref") == "cached" else 0)
+        out[arm] = {"wall_seconds": r["train_seconds"], "step_seconds": round(sum(x["seconds"] for x in steps), 1),
+                    "steps": len(steps), "reference_seconds": r["reference_seconds"], **fl}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the report
+def build_tables(cfg, results):
+    arms = [m.strip() for m in cfg.methods.split(",")]
+    table, flags = [], []
+    for model, mres in results["models"].items():
+        for unit, ures in mres["units"].items():
+            base = ures["base"]["dir"]
+            seeds = list(ures["seeds"])
+            for task in ures["tasks"]:
+                for metric in [PRIMARY[task]] + SECONDARY.get(task, []):
+                    row = {"model": model, "unit": unit, "task": task, "metric": metric,
+                           "primary": metric == PRIMARY[task], "base": summary_metric(base, task, metric)}
+                    for arm in arms:
+                        row[arm] = [summary_metric(ures["seeds"][s][arm]["eval_dir"], task, metric) for s in seeds]
+                        against = base if arm == "sft" else None
+                        ref_name = "base" if arm == "sft" else "sft"
+                        per_seed = []
+                        for s in seeds:
+                            a = against or ures["seeds"][s][ref_name]["eval_dir"]
+                            per_seed.append(tests(a, ures["seeds"][s][arm]["eval_dir"], cfg.n_boot)[(task, metric)])
+                        row[f"{arm}_vs_{ref_name}"] = per_seed
+                    table.append(row)
+                for arm_dir in [("base", base)] + [(f"{a} s{s}", ures["seeds"][s][a]["eval_dir"])
+                                                   for s in seeds for a in arms]:
+                    c = collapse(arm_dir[1], task)
+                    if c:
+                        flags.append({"model": model, "unit": unit, "task": task, "run": arm_dir[0], "answer": c})
+    return table, flags
+
+
+def write_report(cfg, results, out: Path):
+    table, flags = build_tables(cfg, results)
+    results["table"], results["collapse"] = table, flags
+    results["compute"] = {}
+    for model, mres in results["models"].items():
+        for unit, ures in mres["units"].items():
+            for s, sres in ures["seeds"].items():
+                results["compute"][f"{model}/{unit}/seed{s}"] = compute(cfg, mres["ckpt"], sres)
+    arms = [m.strip() for m in cfg.methods.split(",")]
+    md = render_md(cfg, results, arms)
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    plot(cfg, results, arms, out / "report.png")
+    return [out / "report.md", out / "report.json", out / "report.png"]
+
+
+def render_md(cfg, results, arms):
+    L = ["# Study report", ""]
+    seeds = cfg.seed_list()
+    L.append(f"Models: {', '.join(results['models'])}; design: {'one SFT + DPO per task' if cfg.per_task else 'one model for all tasks (mixed set)'}; "
+             f"seeds: {', '.join(map(str, seeds))}; pairs: {cfg.pairs}; wall time of this invocation: "
+             f"{results['wall_seconds']:.0f} s.")
+    L.append("")
+    L.append("Differences are B - A on the same test items, with a 95% interval and the p-value of the paired test "
+             "of `python -m minift.evaluate compare` (exact McNemar for accuracy, interval by paired bootstrap; "
+             "paired bootstrap, 10,000 resamples, for F1, ROUGE-L and key-fact recall). "
+             + ("Over several seeds: mean ± sd of the metric and of the difference; p-values listed per seed."
+                if len(seeds) > 1 else ""))
+    L.append("Primary metrics (**bold**): classification macro-F1, reasoning accuracy, summarization key-fact "
+             "recall (completeness of diagnosis, new medication and follow-up, what the study's clinicians graded; "
+             "ROUGE-L measures wording overlap with one reference), triage provider macro-F1.")
+    for model in results["models"]:
+        L += ["", f"## {model}", ""]
+        head = ["task", "metric", "base"] + [a.upper() if a in ("sft", "dpo") else a for a in arms]
+        head += [f"{a.upper()} - {'base' if a == 'sft' else 'SFT'} [95% CI], p" for a in arms]
+        L.append("| " + " | ".join(head) + " |")
+        L.append("|" + "---|" * len(head))
+        for row in (r for r in results["table"] if r["model"] == model):
+            metric = f"**{row['metric']}**" if row["primary"] else row["metric"]
+            task = row["task"] if cfg.per_task or row["unit"] == "clinical" else f"{row['unit']}/{row['task']}"
+            cells = [task, metric, f"{row['base']:.3f}"] + [fmt_mean(row[a]) for a in arms]
+            for a in arms:
+                res = row[f"{a}_vs_{'base' if a == 'sft' else 'sft'}"]
+                d = [r["diff"] for r in res]
+                ps = ", ".join(fmt_p(r["p_value"]) for r in res)
+                ci = f" [{res[0]['ci_low']:+.3f}, {res[0]['ci_high']:+.3f}]" if len(res) == 1 else ""
+                sd = f" ± {np.std(d, ddof=1):.3f}" if len(d) > 1 else ""
+                cells.append(f"{np.mean(d):+.3f}{sd}{ci}, p={ps}")
+            L.append("| " + " | ".join(cells) + " |")
+    L += ["", "## Collapse check", ""]
+    L.append(f"A run is flagged when one answer is more than {COLLAPSE:.0%} of a task's predictions "
+             "(and not of the gold labels).")
+    L.append("")
+    L += [f"- **collapse**: {f['model']} {f['unit']} {f['task']} {f['run']}: {f['answer']}" for f in results["collapse"]] \
+        or ["- no run is flagged."]
+    L += ["", "## Preference pairs", ""]
+    for model, mres in results["models"].items():
+        for unit, ures in mres["units"].items():
+            for s, sres in ures["seeds"].items():
+                for arm, r in sres.items():
+                    if r.get("pairs"):
+                        p = r["pairs"]
+                        L.append(f"- {model} {unit} seed {s} ({arm}): sources {p['sources']}")
+                        for task, flds in p["counts"].items():
+                            for fld, labs in flds.items():
+                                cells = ", ".join(f"{k} {c}/{rj}" for k, (c, rj) in sorted(labs.items()))
+                                L.append(f"  - {task} {fld} (chosen/rejected): {cells}")
+                        L += [f"  - **warning**: {w}" for w in p["warnings"]] or ["  - no label imbalance warning"]
+    L += ["", "## Compute", "", "FLOPs by the FLOP model of `minift/flops.py` (bench/README.md); wall seconds as run "
+          "on this machine (the training phase: model load, reference pass, steps, the trainer's periodic eval). "
+          "Naive DPO: the same DPO steps in the concat layout with full logits and the reference recomputed "
+          f"in every step. The paper reports DPO at about {PAPER_RATIO} the compute of SFT.", ""]
+    L.append("| run | arm | wall s | steps (s) | reference pass s | train FLOPs | reference FLOPs | vs SFT (wall / FLOPs) | naive layout FLOPs (vs SFT) |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for run, comp in results["compute"].items():
+        sft = comp.get("sft")
+        for arm, c in comp.items():
+            tot = c["train"] + c["reference"]
+            ratio = (f"{c['wall_seconds'] / sft['wall_seconds']:.2f}x / {tot / sft['train']:.2f}x" if sft else "-")
+            naive = f"{c['naive']:.3g} ({c['naive'] / sft['train']:.2f}x)" if sft and c["reference"] else "-"
+            L.append(f"| {run} | {arm} | {c['wall_seconds']:.0f} | {c['steps']} ({c['step_seconds']:.0f}) | "
+                     f"{c['reference_seconds']:.0f} | {c['train']:.3g} | {c['reference']:.3g} | {ratio} | {naive} |")
+    L += ["", "## Phase times", "", "| run | phase | seconds |", "|---|---|---|"]
+    for model, mres in results["models"].items():
+        for unit, ures in mres["units"].items():
+            L.append(f"| {model}/{unit} | base eval | {ures['base']['seconds']:.0f} |")
+            for s, sres in ures["seeds"].items():
+                for arm, r in sres.items():
+                    if r.get("pairs_seconds") is not None:
+                        L.append(f"| {model}/{unit}/seed{s} | {arm} pairs | {r['pairs_seconds']:.0f} |")
+                    L.append(f"| {model}/{unit}/seed{s} | {arm} train | {r['train_seconds']:.0f} |")
+                    L.append(f"| {model}/{unit}/seed{s} | {arm} eval | {r['eval_seconds']:.0f} |")
+    L += ["", "Phase times are those of the run that produced each phase (a skipped phase keeps its time).", ""]
+    return "\n".join(L)
+
+
+def plot(cfg, results, arms, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, u, t) for m, mres in results["models"].items() for u, ures in mres["units"].items()
+              for t in ures["tasks"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (model, unit, task) in zip(axes[0], panels):
+        ures = results["models"][model]["units"][unit]
+        s0 = next(iter(ures["seeds"]))
+        runs = [("base", ures["base"]["dir"])] + [(a, ures["seeds"][s0][a]["eval_dir"]) for a in arms]
+        vals = [interval(d, task, min(cfg.n_boot, 2000)) for _, d in runs]
+        x = np.arange(len(runs))
+        ax.bar(x, [v for v, _, _ in vals], color=["#999999", "#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(runs)])
+        ax.errorbar(x, [v for v, _, _ in vals], yerr=[[v - lo for v, lo, _ in vals], [hi - v for v, _, hi in vals]],
+                    fmt="none", ecolor="black", capsize=3)
+        ax.set_xticks(x, [n for n, _ in runs])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{task}\n{PRIMARY[task]}" + (f" ({model})" if len(results["models"]) > 1 else ""), fontsize=9)
+    fig.suptitle("primary metric per task, 95% bootstrap interval" + (f", seed {s0}" if len(cfg.seed_list()) > 1 else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,132 @@
+"""The study command on a tiny random model: every report file with every cell filled, p-values equal to
+`evaluate compare` on the same runs, a rerun that trains nothing, a changed DPO setting that reruns only DPO
+and its evaluation, and bad input as one error line with finished phases kept."""
+import json
+from pathlib import Path
+
+import pytest
+
+from minift.study import main, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A few bundled rows of each kind with their prompts cut short (the tiny model's byte tokenizer makes long
+    sequences; the scorer reads the rows' gold fields, not the prompt)."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    for kind, n in (("sft", 8), ("dpo", 8), ("test", 8)):
+        rows = [json.loads(x) for x in (ROOT / "data" / "clinical" / f"{kind}.jsonl").read_text().splitlines()][:n]
+        for r in rows:
+            r["prompt"][0]["content"] = r["prompt"][0]["content"][:40]
+        (out / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def study_args(ckpt, data, out, *extra):
+    return ["--ckpt", str(ckpt), "--out", str(out), "--limit", "2", "--max-new-tokens", "4",
+            "--sft.data", str(data / "sft.jsonl"), "--dpo.data", str(data / "dpo.jsonl"),
+            "--test-data", str(data / "test.jsonl"), "--sft.max-steps", "1", "--dpo.max-steps", "1",
+            "--sft.eval-every", "0", "--dpo.eval-every", "0", "--sft.batch-size", "2", "--dpo.batch-size", "2",
+            *extra]
+
+
+def ran_phases(out):
+    """[(phase, action)] of the last invocation, from study.log."""
+    lines = (Path(out) / "study.log").read_text().splitlines()
+    last = max(i for i, x in enumerate(lines) if " == " in x)
+    return [(x.split("] ", 1)[1].split(":")[0].split(" ->")[0].split(" (")[0], x.split("[", 1)[1].split("]")[0])
+            for x in lines[last:] if "] " in x and x.split("[", 1)[1].split("]")[0] in ("run", "skip")]
+
+
+@pytest.fixture(scope="module")
+def study(tiny_llama, tiny_data, tmp_path_factory):
+    ckpt, _ = tiny_llama
+    out = tmp_path_factory.mktemp("study")
+    main(study_args(ckpt, tiny_data, out))
+    return ckpt, out
+
+
+@pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
+def test_report_files_and_every_cell(study):
+    _, out = study
+    for name in ("report.md", "report.json", "report.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| task")
+            and not line.startswith("| run")]
+    assert len(rows) >= 6 + 2 + 6  # 6 metric rows, 2 compute rows, 6 phase-time rows
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert all(cells) and not any(c.lower() in ("nan", "none") for c in cells), line
+    rep = json.loads((out / "report.json").read_text())
+    assert {r["task"] for r in rep["table"]} == {"classification", "reasoning", "summarization", "triage"}
+    comp = rep["compute"][next(iter(rep["compute"]))]
+    assert comp["sft"]["train"] > 0 and comp["dpo"]["reference"] > 0 and comp["dpo"]["naive"] > comp["dpo"]["train"]
+
+
+@pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
+def test_p_values_equal_compare(study):
+    from minift.compare import compare
+
+    _, out = study
+    rep = json.loads((out / "report.json").read_text())
+    seed = rep["models"]["tiny_llama0"]["units"]["clinical"]["seeds"]["0"]
+    want = {(r["task"], r["metric"]): r["p_value"] for r in compare(seed["sft"]["eval_dir"], seed["dpo"]["eval_dir"])}
+    for row in rep["table"]:
+        assert row["dpo_vs_sft"][0]["p_value"] == want[(row["task"], row["metric"])]
+
+
+@pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
+def test_rerun_trains_nothing_and_a_new_beta_reruns_only_dpo(study, tiny_data):
+    ckpt, out = study
+    main(study_args(ckpt, tiny_data, out))
+    assert {a for _, a in ran_phases(out)} == {"skip"}
+    main(study_args(ckpt, tiny_data, out, "--dpo.beta", "0.3"))
+    assert [p for p, a in ran_phases(out) if a == "run"] == ["dpo", "dpo eval"]
+
+
+def _error(capsys, argv):
+    from minift.errors import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and err[-1].startswith("error: ")
+    return err[-1]
+
+
+@pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
+def test_bad_input_is_one_error_line(study, tiny_data, tmp_path, capsys):
+    ckpt, out = study
+    assert "unknown task 'nope'" in _error(capsys, study_args(ckpt, tiny_data, out, "--tasks", "nope"))
+    assert "--pairs" in _error(capsys, study_args(ckpt, tiny_data, out, "--pairs", "magic"))
+    assert "no setting 'bogus'" in _error(capsys, study_args(ckpt, tiny_data, out, "--dpo.bogus", "1"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty" in _error(capsys, study_args(ckpt, tiny_data, out, "--sft.data", str(empty)))
+    bad_ckpt = tmp_path / "ckpt"
+    bad_ckpt.mkdir()
+    assert "config.json" in _error(capsys, study_args(bad_ckpt, tiny_data, out))
+
+
+@pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
+def test_on_policy_needs_a_model_with_answers_and_keeps_finished_phases(study, tiny_data, tmp_path, capsys):
+    # classification answers are whole words (current / past / absent): the random tiny model's noise names none
+    ckpt, out = study
+    rows = [x for x in (tiny_data / "dpo.jsonl").read_text().splitlines() if '"classification"' in x]
+    (tmp_path / "cls.jsonl").write_text("\n".join(rows) + "\n")
+    msg = _error(capsys, study_args(ckpt, tiny_data, out, "--pairs", "on-policy", "--k", "1",
+                                    "--dpo.data", str(tmp_path / "cls.jsonl")))
+    assert "cannot make on-policy pairs" in msg
+    sft = json.loads((out / "tiny_llama0" / "clinical" / "seed0" / "sft" / "phase.json").read_text())
+    assert sft["done"]  # the SFT phase before the failed one is kept
+
+
+def test_prefixed_flags_and_config_file(tmp_path):
+    conf = tmp_path / "study.json"
+    conf.write_text(json.dumps({"study": {"seeds": "0,1"}, "dpo": {"beta": 0.5, "lr": 1e-5}}))
+    cfg = parse_args(["--config", str(conf), "--dpo.beta", "0.2", "--sft.no-merge", "--sft.epochs=2"])
+    assert cfg.seed_list() == [0, 1]
+    assert cfg.train == {"dpo": {"beta": 0.2, "lr": 1e-5}, "sft": {"merge": False, "epochs": 2.0}}
