@@ -97,7 +97,8 @@ def read_unpaired(path, tokenizer, max_length=None, skip_bad_rows=False, stats=N
     kinds = []
 
     def convert(row, where):
-        kind = "unpaired" if "label" in row or "completion" in row else "pairs"
+        # chosen / rejected make a pair: a pair row may carry a "label" of its own (a task's gold field, kept in meta)
+        kind = "pairs" if "chosen" in row or "rejected" in row else "unpaired"
         if kinds and kind != kinds[0]:
             raise _BadRow(f"a {'preference pair' if kind == 'pairs' else 'labelled row'} in a file of "
                           f"{'preference pairs' if kinds[0] == 'pairs' else 'labelled rows'}: use one kind per file")

@@ -56,12 +56,13 @@ def test_conversational_rows(tmp_path, tok):
 
 def test_pairs_become_one_desirable_and_one_undesirable_row(tmp_path, tok):
     pairs = [{"prompt": "Q: the dose?", "chosen": " ten mg", "rejected": " a lot", "id": "a"},
-             {"prompt": "Q: when?", "chosen": " now", "rejected": " later", "id": "b"}]
+             {"prompt": "Q: when?", "chosen": " now", "rejected": " later", "id": "b", "label": "routine"}]
     path = write(tmp_path / "dpo.jsonl", pairs)
     exs, pref = read_unpaired(path, tok), read_preferences(path, tok)
     assert len(exs) == 4
     assert [e.desirable for e in exs] == [True, False, True, False]
     assert [e.meta["id"] for e in exs] == ["a", "a", "b", "b"]
+    assert exs[2].meta["label"] == "routine"  # a pair's own "label" (a task's gold field) is data, not KTO's flag
     for i, p in enumerate(pref):
         assert exs[2 * i].prompt_ids == exs[2 * i + 1].prompt_ids == p.prompt_ids
         assert (exs[2 * i].completion_ids, exs[2 * i + 1].completion_ids) == (p.chosen_ids, p.rejected_ids)
