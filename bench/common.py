@@ -20,7 +20,6 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -247,33 +246,8 @@ def tiny_checkpoint(out_dir):
 # --- the FLOP model ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Dims:
-    body: int  # linear weights of all blocks
-    lora: int  # LoRA factor weights (A and B) of all adapted layers
-    d_attn: int  # n_heads * head_dim
-    layers: int
-    vocab: int
-    dim: int
-
-    @classmethod
-    def of(cls, cfg, lora_r):
-        d, q, kv, h = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
-        shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, h), (d, h), (h, d)]  # q k v o gate up down: (in, out)
-        body = sum(i * o for i, o in shapes) * cfg.n_layers
-        lora = sum(lora_r * (i + o) for i, o in shapes) * cfg.n_layers
-        return cls(body, lora, q, cfg.n_layers, cfg.vocab_size, d)
-
-
-def pass_flops(dims, tokens, attn_pairs, vocab_rows, train, lora_on=True):
-    """FLOPs of one pass over `tokens` positions (padding included: it is computed), `attn_pairs` (query, key)
-    pairs summed over layers' worth of one layer, `vocab_rows` rows through the vocab projection.
-    train: forward + backward (policy); else forward only (reference, no grad)."""
-    body = (4 if train else 2) * dims.body * tokens
-    lora = ((6 if train else 2) * dims.lora * tokens) if lora_on else 0
-    attn = (12 if train else 4) * dims.d_attn * attn_pairs * dims.layers
-    vocab = (4 if train else 2) * dims.vocab * dims.dim * vocab_rows
-    return {"body": body, "lora": lora, "attention": attn, "vocab": vocab, "total": body + lora + attn + vocab}
+# Dims and pass_flops live in minift/flops.py (the study reports a run's compute with them).
+from minift.flops import Dims, pass_flops  # noqa: E402,F401
 
 
 def attn_pairs(batch):
