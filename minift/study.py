@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import io
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,6 +24,7 @@ from pathlib import Path
 
 from minift.defaults import bundled
 from minift.errors import MinifTError
+from minift.phases import Phase, Tee, adapter_digest, file_digest, model_digest, resolve_ckpt
 from minift.tasks import TASKS, get_task
 
 
@@ -42,7 +40,10 @@ class Method:
 
 # A new preference method is one line: {"simpo": Method("simpo", "sft", "pref", {"loss": "simpo"})}, or a run
 # from the base: {"orpo": Method("orpo", "base", "pref", {"loss": "orpo"})}. Flags: --simpo.beta ...
-METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref")}
+METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref"),
+           "simpo": Method("simpo", "sft", "pref", {"loss": "simpo"}),  # no reference model
+           "orpo": Method("orpo", "base", "pref", {"loss": "orpo"}),  # no reference model and no SFT stage
+           "kto": Method("kto", "sft", "pref", {"loss": "kto"})}  # the pairs as desirable / undesirable rows
 
 
 @dataclass
@@ -58,6 +59,7 @@ class StudyConfig:
     limit: int | None = None  # first N test items per task (all by default)
     max_new_tokens: int | None = None  # generation budget of the evaluations (default: each task's own)
     test_data: str | None = None  # a test JSONL instead of the bundled one (mixed design)
+    data_dir: str | None = None   # a folder laid out like data/: <clinical|task>/{sft,dpo,test}.jsonl
     out: str = "runs/study"
     n_boot: int = 10000
     train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
@@ -81,110 +83,6 @@ class StudyConfig:
 
     def task_list(self):
         return list(TASKS) if self.tasks == "all" else [get_task(t.strip()).name for t in self.tasks.split(",")]
-
-
-# --------------------------------------------------------------------------------------------- hashing
-def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_digest(ckpt_dir: Path) -> str:
-    """config.json and tokenizer contents plus weight file names and sizes (hashing GBs of weights on every
-    run would cost more than some phases)."""
-    parts = []
-    for p in sorted(ckpt_dir.iterdir()):
-        if p.suffix in (".json", ".jinja", ".model"):
-            parts.append((p.name, file_digest(p)))
-        elif p.suffix in (".safetensors", ".bin"):
-            parts.append((p.name, p.stat().st_size))
-    return digest(parts)
-
-
-def adapter_digest(adapter_dir) -> str:
-    return digest([file_digest(Path(adapter_dir) / n) for n in ("adapter_model.safetensors", "adapter_config.json")])
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def resolve_ckpt(ckpt) -> Path:
-    """The checkpoint dir (the embedded default is fetched/converted on first use); one error if unusable."""
-    if ckpt is None:
-        try:
-            from minift.fetch import default_checkpoint
-        except ImportError:
-            from minift.gguf import default_checkpoint
-        return Path(default_checkpoint())
-    p = Path(ckpt)
-    if not p.is_dir():
-        raise MinifTError(f"--ckpt {ckpt}: checkpoint directory not found")
-    if not (p / "config.json").is_file():
-        raise MinifTError(f"--ckpt {ckpt}: no config.json (not a Hugging Face checkpoint dir)")
-    from minift.config import ModelConfig
-
-    ModelConfig.from_hf(p / "config.json")  # an unsupported architecture fails here, before any phase
-    return p
-
-
-# --------------------------------------------------------------------------------------------- phases
-class Phase:
-    """A folder with phase.json {"key", "done", "seconds", ...}; `run` skips it when done with the same key."""
-
-    def __init__(self, out: Path, name: str, key_parts: dict, log):
-        self.dir, self.name, self.key, self.log = out, name, digest(key_parts), log
-        self.parts = key_parts
-
-    def state(self) -> dict:
-        f = self.dir / "phase.json"
-        return json.loads(f.read_text()) if f.is_file() else {}
-
-    def done(self) -> bool:
-        s = self.state()
-        return s.get("key") == self.key and s.get("done", False)
-
-    def run(self, fn, resumable=False) -> dict:
-        """fn(resume: bool) -> extra info for phase.json. Returns the phase's state."""
-        if self.done():
-            self.log(f"[skip] {self.name}: up to date ({self.dir})")
-            return self.state()
-        s = self.state()
-        resume = resumable and s.get("key") == self.key and (self.dir / "checkpoint.pt").is_file()
-        if not resume and self.dir.exists():
-            shutil.rmtree(self.dir)  # stale outputs of other inputs
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._write({"key": self.key, "done": False, "inputs": self.parts})
-        self.log(f"[run] {self.name}" + (" (resuming)" if resume else "") + f" -> {self.dir}")
-        t0 = time.perf_counter()
-        extra = fn(resume) or {}
-        seconds = time.perf_counter() - t0 + (s.get("seconds_before", 0.0) if resume else 0.0)
-        state = {"key": self.key, "done": True, "seconds": round(seconds, 1), "inputs": self.parts, **extra}
-        self._write(state)
-        self.log(f"[done] {self.name} in {seconds:.0f} s")
-        return state
-
-    def _write(self, state):
-        tmp = self.dir / "phase.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
-        tmp.replace(self.dir / "phase.json")
-
-
-class Tee(io.TextIOBase):
-    """Write to the terminal and keep a copy (the reference pass reports its time on stderr)."""
-
-    def __init__(self, stream):
-        self.stream, self.text = stream, []
-
-    def write(self, s):
-        self.text.append(s)
-        return self.stream.write(s)
-
-    def flush(self):
-        self.stream.flush()
 
 
 def train_config(cfg: StudyConfig, method: Method, seed: int, data: Path, out: Path, adapter: Path | None):
@@ -272,12 +170,17 @@ def make_pairs(cfg, ckpt_dir, ckpt_arg, src: Path, sft_adapter: Path | None, out
 def units(cfg: StudyConfig):
     """[(unit name, tasks, {"sft", "pref", "test"} files)]: the mixed set, or one unit per task."""
     tasks = cfg.task_list()
+
+    def files(unit):
+        def path(split):
+            return Path(cfg.data_dir) / unit / f"{split}.jsonl" if cfg.data_dir else bundled(unit, split)
+        return {"sft": path("sft"), "pref": path("dpo"), "test": path("test")}
     if cfg.per_task:
-        return [(t, [t], {"sft": bundled(t, "sft"), "pref": bundled(t, "dpo"), "test": bundled(t, "test")})
-                for t in tasks]
-    test = Path(cfg.test_data) if cfg.test_data else bundled("clinical", "test")
-    return [("clinical", tasks, {"sft": bundled("clinical", "sft"), "pref": bundled("clinical", "dpo"),
-                                 "test": test})]
+        return [(t, [t], files(t)) for t in tasks]
+    mixed = files("clinical")
+    if cfg.test_data:
+        mixed["test"] = Path(cfg.test_data)
+    return [("clinical", tasks, mixed)]
 
 
 def check_inputs(cfg: StudyConfig):
@@ -379,6 +282,7 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--limit", type=int, default=None, help="first N test items per task (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="evaluation budget (default: each task's)")
     ap.add_argument("--test-data", default=None, help="test JSONL (rows say their task) instead of the bundled")
+    ap.add_argument("--data-dir", default=None, help="a folder laid out like data/ (default: the bundled data)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--config", default=None, help="JSON file: {\"study\": {...}, \"sft\": {...}, \"dpo\": {...}}")
     args, rest = ap.parse_known_args(argv)
@@ -395,7 +299,8 @@ def parse_args(argv=None) -> StudyConfig:
         train.setdefault(arm, {}).update(over)
     return StudyConfig(ckpt=args.ckpt or [None], per_task=args.per_task, tasks=args.tasks, seeds=str(args.seeds),
                        methods=args.methods, pairs=args.pairs, k=args.k, temperature=args.temperature,
-                       limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data, out=args.out, train=train)
+                       limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data,
+                       data_dir=args.data_dir, out=args.out, train=train)
 
 
 def _prefixed(rest: list[str]) -> dict:

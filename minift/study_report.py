@@ -15,7 +15,6 @@ import numpy as np
 
 from minift import stats
 from minift.compare import compare, read_run
-from minift.tasks import TASKS
 
 # The metric each task is judged by. Summarization: key-fact recall, because the study's clinicians graded
 # whether a summary keeps what matters (diagnosis, new medication, follow-up); ROUGE-L rewards the reference's
@@ -107,6 +106,7 @@ def compute(cfg, ckpt_dir, seed_res):
     from minift.config import ModelConfig
     from minift.data import read_preferences, read_sft
     from minift.flops import Dims, run_flops
+    from minift.losses import REFERENCE_FREE, UNPAIRED
     from minift.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(ckpt_dir)
@@ -125,8 +125,12 @@ def compute(cfg, ckpt_dir, seed_res):
         else:
             ex = read_preferences(tc["data"], tok, tc["max_length"])
             lens = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in ex]
+            # simpo / orpo: no reference pass. kto: a cached row per unpaired example (two per pair), and each
+            # example's row [prompt | completion | y'] costs about what a pair's row costs
+            loss = tc.get("loss", "sigmoid")
+            cached = tc.get("ref") == "cached" and loss not in REFERENCE_FREE
             fl = run_flops(dims, dpo=lens, examples_seen=seen,
-                           n_pairs_cached=len(ex) if tc.get("ref") == "cached" else 0)
+                           n_pairs_cached=len(ex) * (2 if loss in UNPAIRED else 1) if cached else 0)
         out[arm] = {"wall_seconds": r["train_seconds"], "step_seconds": round(sum(x["seconds"] for x in steps), 1),
                     "steps": len(steps), "reference_seconds": r["reference_seconds"], **fl}
     return out

@@ -25,11 +25,11 @@ def tiny_data(tmp_path_factory):
 
 
 def study_args(ckpt, data, out, *extra):
-    return ["--ckpt", str(ckpt), "--out", str(out), "--limit", "2", "--max-new-tokens", "4",
-            "--sft.data", str(data / "sft.jsonl"), "--dpo.data", str(data / "dpo.jsonl"),
-            "--test-data", str(data / "test.jsonl"), "--sft.max-steps", "1", "--dpo.max-steps", "1",
-            "--sft.eval-every", "0", "--dpo.eval-every", "0", "--sft.batch-size", "2", "--dpo.batch-size", "2",
-            *extra]
+    files = ["--sft.data", str(data / "sft.jsonl"), "--dpo.data", str(data / "dpo.jsonl"),
+             "--test-data", str(data / "test.jsonl")] if data else []
+    return ["--ckpt", str(ckpt), "--out", str(out), "--limit", "2", "--max-new-tokens", "4", *files,
+            "--sft.max-steps", "1", "--dpo.max-steps", "1", "--sft.eval-every", "0", "--dpo.eval-every", "0",
+            "--sft.batch-size", "2", "--dpo.batch-size", "2", *extra]
 
 
 def ran_phases(out):
@@ -122,6 +122,37 @@ def test_on_policy_needs_a_model_with_answers_and_keeps_finished_phases(study, t
     assert "cannot make on-policy pairs" in msg
     sft = json.loads((out / "tiny_llama0" / "clinical" / "seed0" / "sft" / "phase.json").read_text())
     assert sft["done"]  # the SFT phase before the failed one is kept
+
+
+@pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
+def test_interrupted_training_resumes(study, tiny_data):
+    # a training phase that did not finish (Ctrl-C saves a checkpoint, phase.json says done: false) is resumed
+    # from its checkpoint by the same command, not started over
+    ckpt, out = study
+    main(study_args(ckpt, tiny_data, out))  # settle on the default beta again
+    phase = out / "tiny_llama0" / "clinical" / "seed0" / "dpo" / "phase.json"
+    state = json.loads(phase.read_text())
+    phase.write_text(json.dumps({**state, "done": False, "seconds_before": 1.0}))
+    main(study_args(ckpt, tiny_data, out))
+    log = (out / "study.log").read_text().splitlines()
+    assert any("[run] dpo (resuming)" in x for x in log[-12:])
+    assert [p for p, a in ran_phases(out) if a == "run"] == ["dpo"]  # same adapter: its evaluation is kept
+    assert json.loads(phase.read_text())["done"]
+
+
+@pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
+def test_per_task_design(tiny_llama, tiny_data, tmp_path):
+    ckpt, _ = tiny_llama
+    data = tmp_path / "data" / "triage"
+    data.mkdir(parents=True)
+    for kind in ("sft", "dpo", "test"):
+        rows = [x for x in (tiny_data / f"{kind}.jsonl").read_text().splitlines() if '"triage"' in x]
+        (data / f"{kind}.jsonl").write_text("\n".join(rows) + "\n")
+    main(study_args(ckpt, None, tmp_path / "out", "--per-task", "--tasks", "triage",
+                    "--data-dir", str(tmp_path / "data")))
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["unit"] for r in rep["table"]] == ["triage", "triage"]
+    assert "| triage | **provider_f1** |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_prefixed_flags_and_config_file(tmp_path):
