@@ -18,15 +18,15 @@ Parallel modes:
   fsdp  FSDP2 `fully_shard` on each block and on the root: every parameter, frozen base included, is cut
         into W row shards; a block's full weights exist only while that block computes. The model is never
         whole on one rank: it is built without storage, sharded, then each rank reads only its rows of
-        each tensor from the safetensors files (`materialize`).
+        each tensor from the safetensors files (`shard`).
 """
+import contextlib
 import datetime
 import functools
 import math
 import os
 import sys
 import warnings
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -114,7 +114,7 @@ def entry(run):
     @functools.wraps(run)
     def wrapped(cfg, *args, **kwargs):
         outer = not dist.is_initialized()
-        d = init(cfg.parallel, cfg.device)
+        d = init(getattr(cfg, "parallel", "ddp"), getattr(cfg, "device", "auto"))
         try:
             result = run(cfg, *args, **kwargs)
         except MinifTError:
@@ -260,6 +260,7 @@ def is_placeholder(t: torch.Tensor) -> bool:
 
 
 def shard(model, ckpt_dir, d):
+    """FSDP2 on a shell model (load(..., shell=True)) with LoRA attached; each rank reads its rows from the files."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from minift.checkpoint import ShardReader
@@ -283,14 +284,8 @@ def shard(model, ckpt_dir, d):
     reader = ShardReader(ckpt_dir, model.config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p  # (rows_r, ...) this rank's rows
-            rows = math.ceil(p.shape[0] / d.world)  # FSDP2 cuts dim 0 like torch.chunk
-            start = min(d.rank * rows, p.shape[0])
-            stop = start + local.shape[0]
-            if name in kept:
-                local.copy_(kept[name][start:stop])
-            else:
-                local.copy_(reader.rows(name, start, stop))
+            local, start, stop = local_rows(p, d)
+            local.copy_(kept[name][start:stop] if name in kept else reader.rows(name, start, stop))
     model.inv_freq = rope_inv_freq(model.config).to(d.device)  # buffers are not in the file
     return model
 
@@ -354,13 +349,17 @@ def load_optimizer_state(model, optimizer, state, d=None):
                              options=StateDictOptions(full_state_dict=True))
 
 
-def set_local(p: torch.Tensor, value: torch.Tensor, d=None):
-    """Copy the full tensor `value` into parameter p (into this rank's rows when p is sharded)."""
+def local_rows(p: torch.Tensor, d=None):
+    """(this rank's tensor, first row, end row) of parameter p in the full tensor's rows."""
     d = d or _current
     if not hasattr(p, "to_local"):
-        p.copy_(value)
-        return
-    local = p.to_local()
-    rows = math.ceil(p.shape[0] / d.world)
-    start = min(d.rank * rows, p.shape[0])
-    local.copy_(value[start:start + local.shape[0]])
+        return p, 0, p.shape[0]
+    local = p.to_local()  # (rows_r, ...)
+    start = min(d.rank * math.ceil(p.shape[0] / d.world), p.shape[0])  # FSDP2 cuts dim 0 like torch.chunk
+    return local, start, start + local.shape[0]
+
+
+def set_local(p: torch.Tensor, value: torch.Tensor, d=None):
+    """Copy the full tensor `value` into parameter p (into this rank's rows when p is sharded)."""
+    local, start, stop = local_rows(p, d)
+    local.copy_(value[start:stop])
