@@ -42,6 +42,8 @@ TINY = dict(N=64, H=32, V=1000)
 # |z| 2^-9 and logp = z_t - lse by twice that: bound 2^-8 * max|z|. Gradients go through onehot - softmax
 # stored in bf16 and a bf16 GEMM (and, trainable weight, dW summed chunk by chunk in bf16): 2^-5 relative.
 BOUNDS = {"float32": (lambda zmax: 1e-3, 1e-3), "bfloat16": (lambda zmax: 2 ** -8 * zmax, 2 ** -5)}
+BOUNDS_DOC = ("kernels: max |logp - fp64| and max |grad - fp64| / max |grad fp64|; fp32 1e-3 and 1e-3, bf16 "
+              "2^-8 max|logit| and 2^-5. train: max over steps of |bf16 GPU - fp32 CPU| / |fp32 CPU|, 0.02.")
 TRAIN_BOUND = 0.02  # bf16 on the GPU vs fp32 on the CPU, relative: weights and activations rounded to 2^-8
 #                     in every layer; errors partly cancel over the ~1000 tokens a loss averages
 
@@ -52,14 +54,20 @@ def sync(device):
 
 
 class Peak:
-    """Peak device memory of a block over what was allocated when it began (None on the CPU)."""
+    """Peak device memory of a block over what was allocated when it began (None on the CPU). Blocks reset CUDA's
+    one peak counter, so the highest absolute peak of the whole run is kept aside, in Peak.highest_mib."""
+    highest_mib = None
 
     def __init__(self, device):
         self.device, self.mib = device, None
 
+    def _keep_highest(self):
+        Peak.highest_mib = max(Peak.highest_mib or 0, torch.cuda.max_memory_allocated() / 2 ** 20)
+
     def __enter__(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
+            self._keep_highest()
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         return self
@@ -67,6 +75,7 @@ class Peak:
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.synchronize()
+            self._keep_highest()
             self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
 
 
@@ -281,7 +290,8 @@ def print_table(rows, cond):
     from rich.table import Table
 
     table = Table(title=f"gpu_check on {cond['device']} (torch {cond['torch']}, triton {cond['triton']}), "
-                        f"{cond['seconds']:.0f} s, peak {cond['peak_mib'] or 0:.0f} MiB")
+                        f"{cond['seconds']:.0f} s, highest device memory "
+                        + ("-" if cond["peak_mib"] is None else f"{cond['peak_mib']:.0f} MiB"))
     for col in ("section", "case", "time ms", "peak MiB", "error", "bound", "ok", "note"):
         table.add_column(col, justify="right" if col in ("time ms", "peak MiB") else "left")
     for r in rows:
@@ -324,7 +334,7 @@ def main(argv=None):
                     "bench_loss": lambda: bench_loss_rows(work, args.dry_run),
                     "generate": lambda: generate_rows(ckpt, device)}
         rows = []
-        with Peak(device) as whole:
+        with Peak(device):
             for name, run in sections.items():
                 if name not in skip:
                     t1 = time.perf_counter()
@@ -336,7 +346,8 @@ def main(argv=None):
     except ImportError:
         triton_version = "not installed"
     cond = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)", "torch": torch.__version__,
-            "triton": triton_version, "seconds": time.perf_counter() - t0, "peak_mib": whole.mib,
+            "triton": triton_version, "seconds": time.perf_counter() - t0,
+            "peak_mib": Peak.highest_mib,
             "shapes": TINY if args.dry_run else FULL, "bounds": BOUNDS_DOC}
     print_table(rows, cond)
     out = args.json or ROOT / "bench" / "results" / ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
@@ -346,9 +357,6 @@ def main(argv=None):
     print(f"wrote {out}; {len(rows)} rows, {len(failed)} outside their bound" + (f": {failed}" if failed else ""))
     return 1 if failed else 0
 
-
-BOUNDS_DOC = ("kernels: max |logp - fp64| and max |grad - fp64| / max |grad fp64|; fp32 1e-3 and 1e-3, bf16 "
-              "2^-8 max|logit| and 2^-5. train: max over steps of |bf16 GPU - fp32 CPU| / |fp32 CPU|, 0.02.")
 
 if __name__ == "__main__":
     try:
