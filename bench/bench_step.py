@@ -14,6 +14,10 @@ batch of --pairs preference pairs (SFT: the prompt + chosen of the same pairs, s
                     (train_dpo.py --ref adapters-off)
   dpo_cached      + cached reference: its log-probs precomputed once (minift.reference, --ref cached); the step
                     runs no reference forward (minift's default)
+  simpo           SimPO (minift.pref_losses): the dpo_unpadded batch, no reference at all (nothing to cache)
+  orpo            ORPO: the same, + the chosen completion's NLL (from the same log-probs: no extra FLOPs)
+  kto             KTO on the same P pairs as 2P unpaired examples (minift.unpaired), each one row
+                  [prompt | completion | KL completion y'] (shared-prompt layout, pads not computed), cached reference
   ref_pass        not a training step: the cached reference's one-time no-grad pass over the same pairs (what
                   building the cache costs per step's worth of data, paid once per data set and reference)
 Rounds interleave the variants (a load change hits them all alike); round 0 is the warm-up, starts every variant
@@ -45,6 +49,8 @@ from minift import kernels  # noqa: E402
 import minift  # noqa: E402
 from minift import lora  # noqa: E402
 from minift.losses import dpo_loss_sums, dpo_losses, sequence_logps, sft_loss_sum  # noqa: E402
+from minift.pref_losses import kto_loss_sums, orpo_loss_sums, simpo_loss_sums  # noqa: E402
+from minift.unpaired import assign_kl, kto_batch, pairs_to_unpaired  # noqa: E402
 from minift.reference import Reference  # noqa: E402
 
 VARIANTS = {
@@ -56,10 +62,15 @@ VARIANTS = {
     "dpo_shared": "+ shared-prompt layout",
     "dpo_unpadded": "+ pads not computed",
     "dpo_cached": "+ cached reference (minift default)",
+    "simpo": "SimPO: no reference",
+    "orpo": "ORPO: no reference, + chosen NLL",
+    "kto": "KTO: 2P unpaired rows, cached ref",
     "ref_pass": "cache build: no-grad ref pass (once)",
 }
 DPO_CFG = SimpleNamespace(beta=0.1, loss="sigmoid", label_smoothing=0.0, sft_weight=0.0)
 IGNORE = -100
+REF_FREE = ("simpo", "orpo", "dpo_cached")  # one training pass over the shared-prompt batch, no reference forward
+PREF = ("simpo", "orpo", "kto")  # other losses: no naive counterpart to compare the loss with
 
 
 def dense_labels(batch):
@@ -100,6 +111,14 @@ class Bench:
         self.ref_cached = Reference("cached", model, out_dir=workdir, key_parts={"bench": "step"}, log=lambda m: None)
         self.batches["shared-prompt"].index = list(range(self.P))  # the pairs' rows in the cached table
         self.ref_cached.prepare(lambda: [self.batches["shared-prompt"]], self.P)
+        # KTO: each pair gives a desirable and an undesirable example, each with its KL completion y'
+        examples = assign_kl(pairs_to_unpaired(pairs))
+        kto = kto_batch(examples, "shared-prompt", tok.pad_id)
+        self.kto = kto.to(device)
+        self.kto.index, self.kto.desirable = list(range(len(examples))), kto.desirable.to(device)
+        self.ref_kto = Reference("cached", model, out_dir=Path(workdir) / "kto", key_parts={"bench": "kto"},
+                                 log=lambda m: None)
+        self.ref_kto.prepare(lambda: [self.kto], len(examples))
         self.start = [p.detach().clone() for p in self.params]
 
     def reset(self):
@@ -124,7 +143,19 @@ class Bench:
         loss_sum, _ = dpo_loss_sums(policy, ref, DPO_CFG.beta, DPO_CFG.loss)
         return loss_sum / self.P
 
+    def _pref(self, variant):
+        if variant == "kto":
+            policy = sequence_logps(self.model, self.kto)
+            loss_sum, _ = kto_loss_sums(policy, self.ref_kto.logps(self.kto), self.kto.desirable, DPO_CFG.beta)
+            return loss_sum / (2 * self.P)
+        policy = sequence_logps(self.model, self.batches["shared-prompt"])
+        loss_sum, _ = (simpo_loss_sums(policy, DPO_CFG.beta, gamma=0.5) if variant == "simpo" else
+                       orpo_loss_sums(policy, orpo_lambda=0.1))  # minift's defaults
+        return loss_sum / self.P
+
     def loss(self, variant):
+        if variant in PREF:
+            return self._pref(variant)
         if variant == "sft_naive":
             b, labels = self.padded["sft"], self.labels["sft"]
             return -full_logits_row_logps(self.model, b, labels).sum() / b.n_targets
@@ -152,15 +183,16 @@ class Bench:
         return loss.item()
 
     def flops(self, variant, dims):
-        b = self.batches["sft" if variant.startswith("sft") else
-                         "concat" if variant in ("dpo_naive", "dpo_fused", "dpo_completion") else "shared-prompt"]
+        b = self.kto if variant == "kto" else self.batches[
+            "sft" if variant.startswith("sft") else
+            "concat" if variant in ("dpo_naive", "dpo_fused", "dpo_completion") else "shared-prompt"]
         rows = b.ids.numel() if variant in ("sft_naive", "dpo_naive", "dpo_fused") else b.n_targets
         padded = variant in ("sft_naive", "dpo_naive", "dpo_fused", "dpo_completion", "dpo_shared")
         tokens = b.ids.numel() if padded else b.n_tokens  # slots computed: pads included or not
         train = common.pass_flops(dims, tokens, common.attn_pairs(b), rows, train=True)
         if variant == "ref_pass":
             return common.pass_flops(dims, tokens, common.attn_pairs(b), rows, train=False, lora_on=False)
-        if variant.startswith("sft") or variant == "dpo_cached":
+        if variant.startswith("sft") or variant in REF_FREE + ("kto",):  # no reference forward in the step
             return train
         ref = common.pass_flops(dims, tokens, common.attn_pairs(b), rows, train=False, lora_on=False)
         return {k: train[k] + ref[k] for k in train}
@@ -244,7 +276,8 @@ def run_shape(args, shape, peak_flops):
                 r[f"ratio_vs_{base}"] = r["step_s"] / by[base]["step_s"]
                 r[f"pred_vs_{base}"] = r["flops"]["total"] / by[base]["flops"]["total"]
         ref = by.get("sft_naive" if r["variant"].startswith("sft") else "dpo_naive")
-        r["dloss_vs_naive"] = abs(r["loss"] - ref["loss"]) if ref and r["variant"] != "ref_pass" else None
+        other = r["variant"] in ("ref_pass",) + PREF  # not a step of the naive loss's computation
+        r["dloss_vs_naive"] = abs(r["loss"] - ref["loss"]) if ref and not other else None
     if {"dpo_cached", "ref_pass", "sft"} <= set(by):
         # The cache is built once per data set: over E epochs each step carries 1/E of a reference pass.
         c, once, sft = by["dpo_cached"]["step_s"], by["ref_pass"]["step_s"], by["sft"]["step_s"]

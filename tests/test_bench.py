@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["sft_naive", "sft", "dpo_naive", "dpo_fused", "dpo_completion", "dpo_shared", "dpo_unpadded", "dpo_cached",
-            "ref_pass"]
+            "simpo", "orpo", "kto", "ref_pass"]
 
 
 def run(script, tmp_path):
@@ -44,7 +44,7 @@ def test_bench_step_smoke(tmp_path):
             assert isinstance(r["peak_bytes"], int), (shape, v)
             assert r["flops"]["total"] == pytest.approx(sum(r["flops"][k] for k in ("body", "lora", "attention",
                                                                                       "vocab")))
-            if v == "ref_pass":  # not a training step: no loss to compare
+            if v in ("ref_pass", "simpo", "orpo", "kto"):  # not a step / another loss: no naive loss to compare
                 assert r["dloss_vs_naive"] is None
                 continue
             # fp32 sums in different orders (chunked kernel, other layout): equal to ~1e-6 of a loss near 0.7-5.6
@@ -58,6 +58,8 @@ def test_bench_step_smoke(tmp_path):
         assert flops["sft_naive"] > flops["sft"]
         # the cache build is the no-grad reference pass that dpo_unpadded runs in every step
         assert flops["ref_pass"] == pytest.approx(flops["dpo_unpadded"] - flops["dpo_cached"])
+        # SimPO and ORPO: the cached DPO step's one training pass, no reference; KTO: 2P rows [prompt | y | y']
+        assert flops["simpo"] == flops["orpo"] == flops["dpo_cached"] < flops["kto"]
         spread = rows["dpo_cached"]["ratio_vs_sft_with_cache_build"]
         assert spread["1"] > spread["3"] > rows["dpo_cached"]["ratio_vs_sft"]
         assert 2 < rows["dpo_naive"]["pred_vs_sft_naive"] < 3.2  # 2 rows + a no-grad forward of each
