@@ -270,6 +270,8 @@ def shard(model, ckpt_dir, d):
     # storage: the model goes to the meta device, is sharded there, and each rank allocates only its shards.
     kept = {n: p.detach().clone() for n, p in model.named_parameters() if not is_placeholder(p)}
     model.to("meta")
+    if model.config.tie_embeddings:  # .to() made two parameters of the tied one: one shared shard again
+        model.lm_head.weight = model.embed.weight
     mp = None
     if d.device.startswith("cuda"):  # bf16 compute and all-gathers, fp32 gradient reduction
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
