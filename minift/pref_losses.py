@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from minift.errors import MinifTError
-from minift.losses import REFERENCE_FREE, UNPAIRED, SeqLogps, split_pairs  # noqa: F401 (the loss names)
+from minift.losses import SeqLogps, split_pairs
 
 
 def _pairs(policy: SeqLogps, where):
