@@ -68,7 +68,7 @@ def launch(name, world, threads, parallel, args, tmp, timeout):
     else:
         cmd = [sys.executable, __file__, "--worker", str(probe), "--", *train]
     env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -83,7 +83,7 @@ def launch(name, world, threads, parallel, args, tmp, timeout):
             "losses": [r["loss"] for r in steps],
             "peak_bytes_per_rank": [r["peak_bytes"] for r in per_rank],
             "frozen_bytes_per_rank": [r.get("frozen_bytes") for r in per_rank],
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "load_avg_1m": [load, os.getloadavg()[0]]}
 
 
 def args_batch(args):
@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--world", type=int, default=0, help="processes (0: 2 on CPU, every GPU on a GPU machine)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=str(RESULTS / "bench_distributed.json"))
+    ap.add_argument("--only", help="comma-separated configs (single, ddp, fsdp) to run again; the others are "
+                                   "kept from --json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -122,11 +124,16 @@ def main():
         # GPU: one GPU vs `world` GPUs (threads do not matter there).
         one_threads = 1 if cuda else world
         load_start = os.getloadavg()
-        runs = [launch("single", world, one_threads, None, args, tmp, 1800)]
-        if cuda:  # the baseline on one GPU does one rank's share: per-GPU throughput is compared
-            runs = [launch("single", 1, 1, None, args, tmp, 1800)]
-        for parallel in ("ddp", "fsdp"):
-            runs.append(launch(parallel, world, 1, parallel, args, tmp, 1800))
+        only = a.only.split(",") if a.only else ["single", "ddp", "fsdp"]
+        kept = {r["config"]: r for r in json.loads(Path(a.json).read_text())["runs"]} if a.only else {}
+        runs = []
+        for name in ("single", "ddp", "fsdp"):
+            if name not in only:
+                runs.append(kept[name])
+            elif name == "single":  # GPU: the baseline is one GPU doing one rank's share (per-GPU throughput)
+                runs.append(launch("single", 1 if cuda else world, one_threads, None, args, tmp, 1800))
+            else:
+                runs.append(launch(name, world, 1, name, args, tmp, 1800))
         load_end = os.getloadavg()
     base = runs[0]
     for r in runs:
@@ -151,14 +158,16 @@ def main():
 
 def table(runs, cuda):
     mb = 2 ** 20
-    head = "| config | processes x threads | tokens/s | vs 1 process | peak memory per rank (MB) | frozen weights per rank (MB) |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = ("| config | processes x threads | tokens/s | vs 1 process | peak memory per rank (MB) | frozen weights per "
+            "rank (MB) | load average (1 min) start, end |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in runs:
         peaks = " / ".join(f"{p / mb:.0f}" for p in r["peak_bytes_per_rank"])
         frozen = " / ".join(f"{p / mb:.1f}" for p in r["frozen_bytes_per_rank"] if p)
         extra = f" (per GPU {r['tokens_per_s_per_device']:.0f}, efficiency {r['scaling_efficiency']:.2f})" if cuda else ""
         lines.append(f"| {r['config']} | {r['processes']} x {r['threads_per_process']} | {r['tokens_per_s']:.0f}{extra} "
-                     f"| {r['tokens_per_s_vs_single']:.2f}x | {peaks} | {frozen} |")
+                     f"| {r['tokens_per_s_vs_single']:.2f}x | {peaks} | {frozen} "
+                     f"| {r['load_avg_1m'][0]:.1f}, {r['load_avg_1m'][1]:.1f} |")
     return "\n".join(lines)
 
 

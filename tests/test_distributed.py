@@ -201,11 +201,14 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tiny):
     straight, cut = tiny / "straight", tiny / "cut"
     ok(torchrun("train_sft.py", *common(tiny, "sft", straight), *args))
     run = torchrun("train_sft.py", *common(tiny, "sft", cut), *args)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((cut / "metrics.jsonl").exists() and train_losses(cut)):
-        time.sleep(0.05)
-    os.kill(run.proc.pid, signal.SIGTERM)  # torchrun passes it on to every rank
-    rc, out = run.wait(120)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((cut / "metrics.jsonl").exists() and train_losses(cut)):
+            time.sleep(0.05)
+        os.kill(run.proc.pid, signal.SIGTERM)  # torchrun passes it on to every rank
+        rc, out = run.wait(120)
+    finally:
+        run.kill()
     assert rc != 0 and "SIGTERM" in out, out[-3000:]
     step = torch.load(cut / "checkpoint.pt", weights_only=False)["step"]
     assert 1 <= step < 20
@@ -221,15 +224,18 @@ def test_a_dying_rank_brings_the_job_down(tiny):
     out = tiny / "dying"
     run = torchrun("train_sft.py", *common(tiny, "sft", out, "--parallel", "ddp", "--max-steps", 100000,
                                            "--eval-every", 0))
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and train_losses(out)):
-        time.sleep(0.05)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(run.proc.pid)], capture_output=True,
-                                            text=True).stdout.split()]
-    assert len(ranks) == 2
-    os.kill(ranks[1], signal.SIGKILL)
-    t0 = time.time()
-    rc, log = run.wait(90)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and train_losses(out)):
+            time.sleep(0.05)
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(run.proc.pid)], capture_output=True,
+                                                text=True).stdout.split()]
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        t0 = time.time()
+        rc, log = run.wait(90)
+    finally:
+        run.kill()
     assert rc != 0 and time.time() - t0 < 90, log[-3000:]
 
 
@@ -240,8 +246,12 @@ def test_two_nodes_on_loopback(tiny):
     out = tiny / "nodes"
     nodes = [torchrun("train_sft.py", *common(tiny, "sft", out, "--parallel", "ddp"), nproc=1, node=(2, r, port))
              for r in (0, 1)]
-    for n in nodes:
-        ok(n)
+    try:
+        for n in nodes:
+            ok(n)
+    finally:
+        for n in nodes:
+            n.kill()
     two = tiny / "ddp" / "sft"
     if not two.exists():
         ok(torchrun("train_sft.py", *common(tiny, "sft", two, "--parallel", "ddp")))
