@@ -41,12 +41,11 @@ def test_sampling_is_seeded_and_stops_at_the_stop_token(tmp_path):
     assert cut[0] == a[0][: a[0].index(stop)]
 
 
-def test_checking_for_stops_every_n_tokens_changes_no_output(tmp_path):
+def test_checking_for_stops_every_n_tokens_changes_no_output(tiny_llama):
     # The decode loop asks the device whether all rows have stopped only every `check_every` tokens; rows that
     # stopped emit pads until then, cut off at the end. Greedy tokens must be identical for any interval,
     # with prompts of different lengths (left padding) and a stop token that ends rows at different steps.
-    ckpt = save_checkpoint(make_hf_model("llama"), tmp_path / "ckpt", shard=False)
-    model, tok = load(ckpt)
+    model, tok = load(tiny_llama[0])
     prompts = [tok.encode(t) for t in ("the answer", "in the end there was", "a", "an other thing here")]
     free = generate(model, tok, prompts, max_new_tokens=12, stop_ids=set())
     stop = free[0][3]  # a token the first row makes at step 3: it stops rows wherever it appears

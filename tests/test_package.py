@@ -55,6 +55,7 @@ print(json.dumps({"hf": hf.__file__, "ours": ours.__file__}))
 
 @pytest.mark.skipif(not _hf_kernels_installed(), reason="Hugging Face's kernels is not installed (pip install "
                                                         "-e '.[test]' installs it)")
+@pytest.mark.slow  # two interpreter starts, each a tiny training run (~10 s of CPU each)
 @pytest.mark.parametrize("where", ["inside", "outside"])
 def test_hf_kernels_beside_ours(tiny_llama, tmp_path, where):
     script = tmp_path / "both.py"
