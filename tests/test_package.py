@@ -39,10 +39,10 @@ def _small_sft(path, n=6):
 # A script run from a file (not `python -c`), so that its directory, not the working directory, is first on
 # sys.path: `python -c` or `python -m` started in the repository root would find the folder kernels/ there first.
 BOTH = """
-import json, sys
+import importlib, json, sys
 from pathlib import Path
-import kernels as hf
 import minift.kernels as ours
+hf = importlib.import_module("kernels")  # Hugging Face's; by name, so no line here reads as importing ours
 from minift.cli import sft
 ckpt, data, out = sys.argv[1:4]
 assert callable(getattr(hf, "get_kernel", None)), hf.__file__  # Hugging Face's package, not our folder
