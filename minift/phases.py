@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -80,7 +81,32 @@ class Phase:
         return s.get("key") == self.key and s.get("done", False)
 
     def run(self, fn, resumable=False) -> dict:
-        """fn(resume: bool) -> extra info for phase.json. Returns the phase's state."""
+        """fn(resume: bool) -> extra info for phase.json. Returns the phase's state. Two study processes on one
+        output folder may run different phases at once: a phase that another live process is running is waited
+        for (its lock file names that process), then skipped if it finished."""
+        lock = self.dir.parent / f".{self.dir.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        waited = False
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                if not _alive(lock):
+                    lock.unlink(missing_ok=True)  # left by a process that died
+                    continue
+                if not waited:
+                    self.log(f"[wait] {self.name}: another process is running it ({lock})")
+                    waited = True
+                time.sleep(5)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            return self._run(fn, resumable)
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _run(self, fn, resumable):
         if self.done():
             self.log(f"[skip] {self.name}: up to date ({self.dir})")
             return self.state()
@@ -123,3 +149,17 @@ class Tee(io.TextIOBase):
 
     def flush(self):
         self.stream.flush()
+
+
+def _alive(lock: Path) -> bool:
+    """Whether the process named in a lock file is still running."""
+    try:
+        text = lock.read_text()
+        if not text:
+            return True  # just created: its process is writing its pid
+        os.kill(int(text), 0)
+        return True
+    except (ValueError, ProcessLookupError, FileNotFoundError):
+        return False
+    except PermissionError:
+        return True

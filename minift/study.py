@@ -60,6 +60,7 @@ class StudyConfig:
     max_new_tokens: int | None = None  # generation budget of the evaluations (default: each task's own)
     test_data: str | None = None  # a test JSONL instead of the bundled one (mixed design)
     data_dir: str | None = None   # a folder laid out like data/: <clinical|task>/{sft,dpo,test}.jsonl
+    train_first: bool = False     # train every arm of a seed, then evaluate (a second process can evaluate)
     out: str = "runs/study"
     n_boot: int = 10000
     train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
@@ -234,7 +235,14 @@ def run_study(cfg: StudyConfig) -> dict:
             ures["base"] = {"dir": str(u_out / "base_eval"), "seconds": base["seconds"]}
             for seed in cfg.seed_list():
                 s_out = u_out / f"seed{seed}"
-                sres, adapters = {}, {"base": None}
+                sres, adapters, pending = {}, {"base": None}, []
+
+                def run_evals():
+                    while pending:
+                        name = pending.pop(0)
+                        ev = evaluate(cfg, f"{name} eval", ckpt_dir, ckpt, files["test"], tasks,
+                                      s_out / f"{name}_eval", s_out / name, log)
+                        sres[name]["eval_seconds"] = ev["seconds"]
                 for m in methods:
                     start = adapters[m.start]
                     data = Path(cfg.train.get(m.name, {}).get("data") or files[m.kind])
@@ -248,14 +256,16 @@ def run_study(cfg: StudyConfig) -> dict:
                                                                        if k != "data"}})
                     ph = train(cfg_m, m, seed, ckpt_dir, ckpt, data, s_out / m.name, start, log)
                     adapters[m.name] = s_out / m.name
-                    ev = evaluate(cfg, f"{m.name} eval", ckpt_dir, ckpt, files["test"], tasks,
-                                  s_out / f"{m.name}_eval", s_out / m.name, log)
                     sres[m.name] = {"train_dir": str(s_out / m.name), "eval_dir": str(s_out / f"{m.name}_eval"),
                                     "train_seconds": ph.state_after["seconds"],
                                     "reference_seconds": ph.state_after.get("reference_seconds", 0.0),
-                                    "eval_seconds": ev["seconds"], "start": m.start, "kind": m.kind,
+                                    "start": m.start, "kind": m.kind,
                                     "pairs": pairs and {k: pairs[k] for k in ("sources", "counts", "warnings")},
                                     "pairs_seconds": pairs and pairs["seconds"]}
+                    pending.append(m.name)
+                    if not cfg.train_first:
+                        run_evals()
+                run_evals()
                 ures["seeds"][seed] = sres
             model_res["units"][unit] = ures
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -282,6 +292,9 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--limit", type=int, default=None, help="first N test items per task (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="evaluation budget (default: each task's)")
     ap.add_argument("--test-data", default=None, help="test JSONL (rows say their task) instead of the bundled")
+    ap.add_argument("--train-first", action="store_true",
+                    help="train every arm of a seed before evaluating any; with a second study process on the "
+                         "same --out (phases are locked), trainings and evaluations run side by side")
     ap.add_argument("--data-dir", default=None, help="a folder laid out like data/ (default: the bundled data)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--config", default=None, help="JSON file: {\"study\": {...}, \"sft\": {...}, \"dpo\": {...}}")
@@ -300,7 +313,7 @@ def parse_args(argv=None) -> StudyConfig:
     return StudyConfig(ckpt=args.ckpt or [None], per_task=args.per_task, tasks=args.tasks, seeds=str(args.seeds),
                        methods=args.methods, pairs=args.pairs, k=args.k, temperature=args.temperature,
                        limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data,
-                       data_dir=args.data_dir, out=args.out, train=train)
+                       data_dir=args.data_dir, train_first=args.train_first, out=args.out, train=train)
 
 
 def _prefixed(rest: list[str]) -> dict:

@@ -161,3 +161,25 @@ def test_prefixed_flags_and_config_file(tmp_path):
     cfg = parse_args(["--config", str(conf), "--dpo.beta", "0.2", "--sft.no-merge", "--sft.epochs=2"])
     assert cfg.seed_list() == [0, 1]
     assert cfg.train == {"dpo": {"beta": 0.2, "lr": 1e-5}, "sft": {"merge": False, "epochs": 2.0}}
+
+
+def test_phase_lock_waits_for_a_live_process_and_clears_a_dead_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from minift.phases import Phase
+
+    logs = []
+    phase = Phase(tmp_path / "p", "p", {"a": 1}, logs.append)
+    lock = tmp_path / ".p.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # a lock left by a process that died: cleared, the phase runs
+    assert phase.run(lambda resume: {"x": 1})["x"] == 1 and not lock.exists()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    lock.write_text(str(live.pid))  # a live holder: waited for; the phase is then found done and skipped
+    import threading
+
+    threading.Thread(target=live.wait, daemon=True).start()  # reap it when it exits (a zombie looks alive)
+    assert phase.run(lambda resume: {"x": 2})["x"] == 1
+    assert any(m.startswith("[wait]") for m in logs) and any(m.startswith("[skip]") for m in logs)
