@@ -213,7 +213,7 @@ def render_md(cfg, results, arms):
                 ps = ", ".join(fmt_p(r["p_value"]) for r in res)
                 ci = f" [{res[0]['ci_low']:+.3f}, {res[0]['ci_high']:+.3f}]" if len(res) == 1 else ""
                 sd = f" ± {np.std(d, ddof=1):.3f}" if len(d) > 1 else ""
-                cells.append(f"{np.mean(d):+.3f}{sd}{ci}, p={ps}")
+                cells.append(f"{np.mean(d):+.3f}{sd}{ci}, p{'' if ps.startswith('<') else '='}{ps}")
             L.append("| " + " | ".join(cells) + " |")
     L += ["", "## Collapse check", ""]
     L.append(f"A run is flagged when one answer is more than {COLLAPSE:.0%} of a task's predictions "
