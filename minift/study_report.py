@@ -116,7 +116,7 @@ def compute(cfg, ckpt_dir, seed_res):
         tc = json.loads((Path(r["train_dir"]) / "phase.json").read_text())["config"]
         dims = Dims.of(mc, tc["lora_r"])
         rows = [json.loads(l) for l in (Path(r["train_dir"]) / "metrics.jsonl").read_text().splitlines() if l]
-        steps = [x for x in rows if "seconds" in x]
+        steps = list({x["step"]: x for x in rows if "seconds" in x}.values())  # one record per step
         seen = len(steps) * tc["batch_size"] * tc["grad_accum"]
         if r["kind"] == "sft":
             ex = read_sft(tc["data"], tok, tc["max_length"])
