@@ -258,7 +258,7 @@ def attn_pairs(batch):
 
 def make_batches(pairs, pad_id):
     return {"sft": sft_batch(sft_from_pairs(pairs), pad_id), "concat": dpo_batch(pairs, "concat", pad_id),
-            "shared_prompt": dpo_batch(pairs, "shared_prompt", pad_id)}
+            "shared-prompt": dpo_batch(pairs, "shared-prompt", pad_id)}
 
 
 def data_tokens(pairs, kind):
