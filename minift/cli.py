@@ -15,20 +15,28 @@ class ArgumentParser(argparse.ArgumentParser):
         raise MinifTError(f"{message} (see {self.prog} --help)")
 
 
-def number(kind, gt=None, ge=None, lt=None, le=None):
-    """An argparse type: an int or a float that is finite and within the bounds."""
+def out_of_range(value, gt=None, ge=None, lt=None, le=None):
+    """Why value is not a finite number within the bounds (a phrase), or None when it is."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    for bound, ok, word in ((gt, lambda b: value > b, "greater than"), (ge, lambda b: value >= b, "at least"),
+                            (lt, lambda b: value < b, "less than"), (le, lambda b: value <= b, "at most")):
+        if bound is not None and not ok(bound):
+            return f"must be {word} {bound}, got {value}"
+    return None
+
+
+def number(kind, **bounds):
+    """An argparse type: an int or a float that is finite and within the bounds (gt, ge, lt, le)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} is needed, "
                                              f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        for bound, ok, word in ((gt, lambda b: value > b, "greater than"), (ge, lambda b: value >= b, "at least"),
-                                (lt, lambda b: value < b, "less than"), (le, lambda b: value <= b, "at most")):
-            if bound is not None and not ok(bound):
-                raise argparse.ArgumentTypeError(f"must be {word} {bound}, got {text}")
+        problem = out_of_range(value, **bounds)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     return parse
 

@@ -30,7 +30,7 @@ class EvalConfig:
     adapter: str | None = None   # LoRA adapter dir (PEFT format)
     task: str = "all"            # one task name or "all"
     split: str = "test"          # reads data/<task>/<split>.jsonl unless --data is given
-    data: str | None = None      # a JSONL file instead of the bundled one
+    data: str | list | None = None  # a JSONL file (or a list of them) instead of the bundled ones
     limit: int | None = None     # first N items of each task
     batch_size: int = 16         # decode reads all weights per step: bigger batches amortize it
     out: str | None = None       # default runs/eval/<model>_<task>
@@ -67,15 +67,22 @@ def read_jsonl(path: Path) -> list[tuple[int, object]]:
     return rows
 
 
+def answer_text(chosen) -> str:
+    """A preference row's chosen completion as text (a string, or the content of its last message)."""
+    if isinstance(chosen, str):
+        return chosen
+    return str(chosen[-1].get("content", "")) if chosen and isinstance(chosen[-1], dict) else ""
+
+
 def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
     """{task name: validated test rows}, each row with an id. Errors name the file and line."""
     names = list(TASKS) if cfg.task == "all" else [get_task(cfg.task).name]
-    sources = {n: DATA_DIR / n / f"{cfg.split}.jsonl" for n in names}
-    if cfg.data:  # one file; rows say their task (or all belong to the one asked for)
-        sources = {"*": Path(cfg.data)}
+    sources = [(n, DATA_DIR / n / f"{cfg.split}.jsonl") for n in names]
+    if cfg.data:  # files whose rows say their task (or all belong to the one asked for)
+        sources = [("*", Path(p)) for p in ([cfg.data] if isinstance(cfg.data, (str, Path)) else cfg.data)]
     out: dict[str, list[dict]] = {}
     seen: dict[str, set] = {}
-    for key, path in sources.items():
+    for key, path in sources:
         for n, row in read_jsonl(path):
             where = f"{path}:{n}"
             name = row.get("task") if isinstance(row, dict) else None
@@ -90,6 +97,8 @@ def load_items(cfg: EvalConfig) -> dict[str, list[dict]]:
             if cfg.task != "all" and name != cfg.task:
                 continue  # a mixed file: keep the asked-for task only
             task = TASKS[name]
+            if isinstance(row, dict) and "answer" not in row and isinstance(row.get("chosen"), (str, list)):
+                row = dict(row, answer=answer_text(row["chosen"]))  # a preference row: its chosen is the gold
             row = task.normalize_row(row, where)
             task.check_row(row, where)
             check_row(task, row, where)

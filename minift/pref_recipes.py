@@ -103,17 +103,11 @@ def run_ref_free(cfg):
 
 def run_kto(cfg):
     model, tok, device = setup(cfg)
-    data = Path(cfg.data) if cfg.data else cfg.default_data()
-    stats = {}
-    train = read_unpaired(data, tok, cfg.max_length, cfg.skip_bad_rows, stats)
-    if cfg.eval_data:
-        held = read_unpaired(cfg.eval_data, tok, cfg.max_length, cfg.skip_bad_rows)
-    else:
-        train, held = split_unpaired(train, cfg.eval_fraction, cfg.seed)
+    data, train, held = split(cfg, read_unpaired, tok, split_unpaired)
+    if not cfg.eval_data:
         check_labels(train, f"{data} (training part)")
     n_good = sum(e.desirable for e in train)
-    console.print(f"data: {data} -> {len(train)} train ({n_good} desirable, {len(train) - n_good} undesirable) / "
-                  f"{len(held)} eval examples ({', '.join(f'{k} {v}' for k, v in stats.items())} rows)")
+    console.print(f"kto: {n_good} desirable, {len(train) - n_good} undesirable training examples")
     _start(cfg, model, keep_reference=True)
     wrapped = distributed.wrap(model, _ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
     parts = key_parts(data, _ckpt_dir(cfg), max_length=cfg.max_length, eval_data=cfg.eval_data,

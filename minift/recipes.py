@@ -80,15 +80,15 @@ def setup(cfg):
     return model, tok, device
 
 
-def split(cfg, reader, tok):
-    """(train, eval) examples: --eval-data when given, else --eval-fraction of --data."""
+def split(cfg, reader, tok, splitter=split_eval):
+    """(data path, train, eval) examples: --eval-data when given, else --eval-fraction of --data."""
     data = Path(cfg.data) if cfg.data else cfg.default_data()
     stats = {}
     examples = reader(data, tok, cfg.max_length, cfg.skip_bad_rows, stats)
     if cfg.eval_data:
         held = reader(cfg.eval_data, tok, cfg.max_length, cfg.skip_bad_rows)
     else:
-        examples, held = split_eval(examples, cfg.eval_fraction, cfg.seed)
+        examples, held = splitter(examples, cfg.eval_fraction, cfg.seed)
     counts = ", ".join(f"{k} {v}" for k, v in stats.items())
     console.print(f"data: {data} -> {len(examples)} train / {len(held)} eval examples ({counts})")
     return data, examples, held

@@ -59,7 +59,7 @@ class StudyConfig:
     limit: int | None = None  # first N test items per task (all by default)
     max_new_tokens: int | None = None  # generation budget of the evaluations (default: each task's own)
     test_data: str | None = None  # a test JSONL instead of the bundled one (mixed design)
-    data_dir: str | None = None   # a folder laid out like data/: <clinical|task>/{sft,dpo,test}.jsonl
+    data_dir: str | None = None   # laid out like data/: clinical/{sft,dpo}.jsonl, <task>/{sft,dpo,test}.jsonl
     train_first: bool = False     # train every arm of a seed, then evaluate (a second process can evaluate)
     out: str = "runs/study"
     n_boot: int = 10000
@@ -129,9 +129,9 @@ def evaluate(cfg, name, ckpt_dir, ckpt_arg, test, tasks, out, adapter, log) -> d
     from minift.evaluate import evaluate as run_eval
 
     task = tasks[0] if len(tasks) == 1 else "all"
-    ec = EvalConfig(ckpt=ckpt_arg, adapter=str(adapter) if adapter else None, task=task, data=str(test),
+    ec = EvalConfig(ckpt=ckpt_arg, adapter=str(adapter) if adapter else None, task=task, data=[str(t) for t in test],
                     limit=cfg.limit, out=str(out), max_new_tokens=cfg.max_new_tokens)
-    parts = {"task": task, "limit": cfg.limit, "test": file_digest(test), "model": model_digest(ckpt_dir),
+    parts = {"task": task, "limit": cfg.limit, "test": [file_digest(t) for t in test], "model": model_digest(ckpt_dir),
              "adapter": adapter_digest(adapter) if adapter else None, "max_new_tokens": ec.max_new_tokens}
     return Phase(Path(out), name, parts, log).run(lambda resume: {"summary": run_eval(ec)["tasks"]})
 
@@ -172,15 +172,18 @@ def units(cfg: StudyConfig):
     """[(unit name, tasks, {"sft", "pref", "test"} files)]: the mixed set, or one unit per task."""
     tasks = cfg.task_list()
 
-    def files(unit):
-        def path(split):
-            return Path(cfg.data_dir) / unit / f"{split}.jsonl" if cfg.data_dir else bundled(unit, split)
-        return {"sft": path("sft"), "pref": path("dpo"), "test": path("test")}
+    def path(unit, split):
+        return Path(cfg.data_dir) / unit / f"{split}.jsonl" if cfg.data_dir else bundled(unit, split)
+
+    def files(unit, test_units):
+        return {"sft": path(unit, "sft"), "pref": path(unit, "dpo"), "test": [path(t, "test") for t in test_units]}
     if cfg.per_task:
-        return [(t, [t], files(t)) for t in tasks]
-    mixed = files("clinical")
+        return [(t, [t], files(t, [t])) for t in tasks]
+    # The mixed model is tested on every task's whole test set, as the per-task models are: 20 items per task
+    # (data/clinical/test.jsonl) leave the paired tests too little power to see a difference.
+    mixed = files("clinical", tasks)
     if cfg.test_data:
-        mixed["test"] = Path(cfg.test_data)
+        mixed["test"] = [Path(cfg.test_data)]
     return [("clinical", tasks, mixed)]
 
 
@@ -197,10 +200,11 @@ def check_inputs(cfg: StudyConfig):
                 over = cfg.train.get(m.name, {})
                 if kind == ("sft" if m.kind == "sft" else "pref") and over.get("data"):
                     path = Path(over["data"])
-            if not Path(path).is_file():
-                raise MinifTError(f"{path}: file not found")
-            if Path(path).stat().st_size == 0 or not Path(path).read_text(encoding="utf-8").strip():
-                raise MinifTError(f"{path}: no rows (empty file)")
+            for p in path if kind == "test" else [path]:
+                if not Path(p).is_file():
+                    raise MinifTError(f"{p}: file not found")
+                if Path(p).stat().st_size == 0 or not Path(p).read_text(encoding="utf-8").strip():
+                    raise MinifTError(f"{p}: no rows (empty file)")
 
 
 def slug(ckpt) -> str:
@@ -295,7 +299,8 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--train-first", action="store_true",
                     help="train every arm of a seed before evaluating any; with a second study process on the "
                          "same --out (phases are locked), trainings and evaluations run side by side")
-    ap.add_argument("--data-dir", default=None, help="a folder laid out like data/ (default: the bundled data)")
+    ap.add_argument("--data-dir", default=None, help="a folder laid out like data/: clinical/{sft,dpo}.jsonl "
+                    "(mixed design), <task>/{sft,dpo,test}.jsonl (default: the bundled data)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--config", default=None, help="JSON file: {\"study\": {...}, \"sft\": {...}, \"dpo\": {...}}")
     args, rest = ap.parse_known_args(argv)

@@ -1,12 +1,12 @@
 """The training configs. These dataclasses are the configuration: the command line is generated from them."""
 import argparse
-import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from minift.batching import LAYOUTS
+from minift.cli import out_of_range
 from minift.defaults import bundled
 from minift.distributed import PARALLEL
 from minift.errors import MinifTError
@@ -21,14 +21,11 @@ def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-def check_number(flag, value, gt=None, ge=None, lt=None, le=None):
+def check_number(flag, value, **bounds):
     """One clear line unless value is finite and within the bounds."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise MinifTError(f"{flag} must be a finite number, got {value}")
-    for bound, ok, word in ((gt, lambda b: value > b, "greater than"), (ge, lambda b: value >= b, "at least"),
-                            (lt, lambda b: value < b, "less than"), (le, lambda b: value <= b, "at most")):
-        if bound is not None and not ok(bound):
-            raise MinifTError(f"{flag} must be {word} {bound}, got {value}")
+    problem = out_of_range(value, **bounds)
+    if problem:
+        raise MinifTError(f"{flag} {problem}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (model + tokenizer) written to disk like real ones."""
+import copy
 import json
 
 import pytest
@@ -66,3 +67,38 @@ def tiny_llama(tmp_path_factory):
     """(dir, transformers model): tiny Llama with GQA and tied embeddings, sharded."""
     model = make_hf_model("llama", tie_word_embeddings=True)
     return save_checkpoint(model, tmp_path_factory.mktemp("tiny_llama")), model
+
+
+def make_pairs(n=3, seed=0):
+    """n preference pairs of random byte tokens with prompts and completions of different lengths."""
+    from minift.data import PrefExample
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.randint(0, 256, (k,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for i in range(n):
+        prompt, chosen, rejected = rand(4 + 2 * i), rand(3 + i), rand(6 - i)
+        rejected[0] = chosen[0]  # a shared first completion token, as in real pairs
+        pairs.append(PrefExample(prompt, chosen, rejected))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_llama):
+    """(minift model with a nonzero LoRA adapter, fp64 transformers copy with the adapter merged, fp64 base):
+    the policy and reference of the loss tests. A nonzero adapter, so that policy and reference differ."""
+    from minift import lora
+    from minift.checkpoint import load_model, to_hf_name
+    ckpt, hf = tiny_llama
+    model = load_model(ckpt)  # fp32
+    torch.manual_seed(0)  # LoRA's A init draws from the global generator: fix it, whatever ran before
+    lora.apply_lora(model, "all-linear", r=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora.lora_modules(model):
+            w = m.lora_B["default"].weight
+            w.copy_(0.1 * torch.randn(w.shape, generator=g))
+    hf_policy, hf_ref = copy.deepcopy(hf).double(), copy.deepcopy(hf).double()
+    with torch.no_grad():
+        for path, m in lora.lora_modules(model):
+            hf_policy.get_parameter(to_hf_name(path) + ".weight").add_(m.delta("default").double())
+    return model, hf_policy, hf_ref

@@ -209,3 +209,18 @@ def test_adapter_is_applied(tiny_llama, tmp_path):
 
     assert outs(from_file) == outs(adapted)
     assert outs(adapted) != outs(plain)
+
+
+def test_preference_rows_are_scored_against_their_chosen_answer(tmp_path):
+    """`--split dpo` (or a DPO file as --data): a held-out pair is a test item whose gold answer is its chosen."""
+    from minift.evaluate import EvalConfig, load_items
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    rows = [json.loads(line) for t in ("reasoning", "triage") for line in (root / t / "dpo.jsonl").read_text().splitlines()[:2]]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_items(EvalConfig(task="all", data=[str(f), str(root / "classification" / "test.jsonl")], limit=3))
+    assert sorted(items) == ["classification", "reasoning", "triage"]  # a list of files is read in turn
+    for r in rows:
+        got = next(i for i in items[r["task"]] if i["id"] == r["id"])
+        assert got["answer"] == r["chosen"][-1]["content"] != r["rejected"][-1]["content"]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from minift import batching, data, lora, losses
-from minift.checkpoint import load_model, to_hf_name
 from minift.reference import Reference
+
+from conftest import make_pairs
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 BETA = 3.5  # large: the tiny random model's log-ratios are small (|delta| < 1); this puts beta*delta at
@@ -22,32 +23,9 @@ BETA = 3.5  # large: the tiny random model's log-ratios are small (|delta| < 1);
 LAYOUT_CONCAT, LAYOUT_SHARED = "concat", "shared-prompt"
 
 
-def make_pairs(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda k: torch.randint(0, 256, (k,), generator=g).tolist()  # noqa: E731
-    pairs = []
-    for i in range(n):
-        prompt, chosen, rejected = rand(4 + 2 * i), rand(3 + i), rand(6 - i)
-        rejected[0] = chosen[0]  # a shared first completion token, as in real pairs
-        pairs.append(data.PrefExample(prompt, chosen, rejected))
-    return pairs
-
-
 @pytest.fixture(scope="module")
-def setup(tiny_llama):
-    ckpt, hf = tiny_llama
-    model = load_model(ckpt)  # fp32
-    torch.manual_seed(0)  # LoRA's A init draws from the global generator: fix it, whatever ran before
-    lora.apply_lora(model, "all-linear", r=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, m in lora.lora_modules(model):
-            w = m.lora_B["default"].weight
-            w.copy_(0.1 * torch.randn(w.shape, generator=g))  # a nonzero starting adapter
-    hf_policy, hf_ref = copy.deepcopy(hf).double(), copy.deepcopy(hf).double()
-    with torch.no_grad():
-        for path, m in lora.lora_modules(model):
-            hf_policy.get_parameter(to_hf_name(path) + ".weight").add_(m.delta("default").double())
+def setup(adapted):
+    model, hf_policy, hf_ref = adapted
     pairs = make_pairs()
     return model, hf_policy, hf_pairs(hf_policy, pairs), hf_pairs(hf_ref, pairs), pairs
 
