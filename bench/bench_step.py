@@ -149,7 +149,7 @@ class Bench:
             loss_sum, _ = kto_loss_sums(policy, self.ref_kto.logps(self.kto), self.kto.desirable, DPO_CFG.beta)
             return loss_sum / (2 * self.P)
         policy = sequence_logps(self.model, self.batches["shared-prompt"])
-        loss_sum, _ = (simpo_loss_sums(policy, DPO_CFG.beta, gamma=0.5) if variant == "simpo" else
+        loss_sum, _ = (simpo_loss_sums(policy, beta=2.0, gamma=0.5) if variant == "simpo" else
                        orpo_loss_sums(policy, orpo_lambda=0.1))  # minift's defaults
         return loss_sum / self.P
 

@@ -42,7 +42,8 @@ class Method:
 # from the base: {"orpo": Method("orpo", "base", "pref", {"loss": "orpo"})}. Flags: --simpo.beta ...
 METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref"),
            "simpo": Method("simpo", "sft", "pref", {"loss": "simpo"}),  # no reference model
-           "orpo": Method("orpo", "base", "pref", {"loss": "orpo"}),  # no reference model and no SFT stage
+           # no reference model and no SFT stage: it replaces SFT, so it trains for SFT's epochs (and lr)
+           "orpo": Method("orpo", "base", "pref", {"loss": "orpo", "epochs": 3.0}),
            "kto": Method("kto", "sft", "pref", {"loss": "kto"})}  # the pairs as desirable / undesirable rows
 
 
@@ -96,6 +97,8 @@ def train_config(cfg: StudyConfig, method: Method, seed: int, data: Path, out: P
         if k not in known:
             raise MinifTError(f"--{method.name}.{k.replace('_', '-')}: not a setting of {cls.__name__}")
     base = dict(seed=seed, data=str(data), out=str(out), progress=False)
+    if cfg.per_task and method.kind == "sft":
+        base["epochs"] = 1.0  # a task's 270 rows once: more rows of that task than 3 passes over the mixed set's 50
     if adapter is not None:
         base["adapter"] = str(adapter)
     return cls(**{**base, **method.fixed, **over})

@@ -132,7 +132,7 @@ def compute(cfg, ckpt_dir, seed_res):
             fl = run_flops(dims, dpo=lens, examples_seen=seen,
                            n_pairs_cached=len(ex) * (2 if loss in UNPAIRED else 1) if cached else 0)
         out[arm] = {"wall_seconds": r["train_seconds"], "step_seconds": round(sum(x["seconds"] for x in steps), 1),
-                    "steps": len(steps), "reference_seconds": r["reference_seconds"], **fl}
+                    "steps": len(steps), "examples_seen": seen, "reference_seconds": r["reference_seconds"], **fl}
     return out
 
 
@@ -237,17 +237,25 @@ def render_md(cfg, results, arms):
     L += ["", "## Compute", "", "FLOPs by the FLOP model of `minift/flops.py` (bench/README.md); wall seconds as run "
           "on this machine (the training phase: model load, reference pass, steps, the trainer's periodic eval). "
           "Naive DPO: the same DPO steps in the concat layout with full logits and the reference recomputed "
-          f"in every step. The paper reports DPO at about {PAPER_RATIO} the compute of SFT.", ""]
-    L.append("| run | arm | wall s | steps (s) | reference pass s | train FLOPs | reference FLOPs | vs SFT (wall / FLOPs) | naive layout FLOPs (vs SFT) |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+          f"in every step. The paper reports DPO at about {PAPER_RATIO} the compute of SFT. The arms may train for "
+          "other numbers of epochs (SFT 3, DPO 1 by default): 'per example' divides each arm's FLOPs by the "
+          "examples (pairs) it trained on, the like-for-like ratio.", ""]
+    L.append("| run | arm | wall s | steps (s) | reference pass s | train FLOPs | reference FLOPs | vs SFT (wall / FLOPs) | "
+             "naive layout FLOPs (vs SFT) | per example vs SFT: minift / naive |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     for run, comp in results["compute"].items():
         sft = comp.get("sft")
         for arm, c in comp.items():
             tot = c["train"] + c["reference"]
             ratio = (f"{c['wall_seconds'] / sft['wall_seconds']:.2f}x / {tot / sft['train']:.2f}x" if sft else "-")
             naive = f"{c['naive']:.3g} ({c['naive'] / sft['train']:.2f}x)" if sft and c["reference"] else "-"
+            per = "-"
+            if sft and c.get("examples_seen") and sft.get("examples_seen"):
+                unit = sft["train"] / sft["examples_seen"]  # SFT FLOPs per example
+                per = f"{tot / c['examples_seen'] / unit:.2f}x"
+                per += f" / {c['naive'] / c['examples_seen'] / unit:.2f}x" if c["reference"] else ""
             L.append(f"| {run} | {arm} | {c['wall_seconds']:.0f} | {c['steps']} ({c['step_seconds']:.0f}) | "
-                     f"{c['reference_seconds']:.0f} | {c['train']:.3g} | {c['reference']:.3g} | {ratio} | {naive} |")
+                     f"{c['reference_seconds']:.0f} | {c['train']:.3g} | {c['reference']:.3g} | {ratio} | {naive} | {per} |")
     L += ["", "## Phase times", "", "| run | phase | seconds |", "|---|---|---|"]
     for model, mres in results["models"].items():
         for unit, ures in mres["units"].items():

@@ -35,7 +35,7 @@ class TrainConfig:
     eval_data: str = opt(None, "held-out JSONL (default: --eval-fraction of --data)")
     out: str = opt("runs/sft", "output dir: adapter, metrics.jsonl, checkpoint, curves.png")
     max_steps: int = opt(0, "optimizer steps (0: derived from --epochs)", ge=0)
-    epochs: float = opt(1.0, "passes over the training set when --max-steps is 0", gt=0)
+    epochs: float = opt(3.0, "passes over the training set when --max-steps is 0", gt=0)
     batch_size: int = opt(4, "examples per micro-batch", ge=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     lr: float = opt(2e-4, "peak learning rate", gt=0)
@@ -100,8 +100,10 @@ class TrainConfig:
 @dataclass
 class DPOConfig(TrainConfig):
     out: str = opt("runs/dpo", "output dir: adapter, metrics.jsonl, checkpoint, curves.png")
-    lr: float = opt(5e-5, "peak learning rate", gt=0)
-    beta: float = opt(0.1, "DPO temperature: strength of the pull toward the reference", gt=0)
+    epochs: float = opt(1.0, "passes over the training set when --max-steps is 0", gt=0)
+    lr: float = opt(None, "peak learning rate (default 1e-5; orpo, which is also the SFT stage: SFT's 2e-4)", gt=0)
+    beta: float = opt(None, "temperature of the preference loss: DPO's pull toward the reference (default 0.1), "
+                      "SimPO's reward scale (default 2.0: its rewards are per-token means, the paper's 2-2.5)", gt=0)
     loss: str = opt(LOSS_TYPES[0], "loss: DPO's sigmoid, ipo, hinge, robust; simpo, orpo (no reference model); kto "
                     "(unpaired rows {prompt, completion, label}, or pairs made into one desirable and one undesirable "
                     "row)", choices=LOSS_TYPES)
@@ -118,6 +120,12 @@ class DPOConfig(TrainConfig):
                    "step from adapters-off (the base) or adapter (a frozen copy of --adapter)", choices=STRATEGIES)
     layout: str = opt(LAYOUTS[0], "pair layout: shared-prompt (prompt computed once) or concat",
                       choices=LAYOUTS)
+
+    def __post_init__(self):
+        if self.beta is None:
+            self.beta = 2.0 if self.loss == "simpo" else 0.1
+        if self.lr is None:
+            self.lr = TrainConfig.lr if self.loss == "orpo" else 1e-5
 
     def default_data(self):
         return bundled("clinical", "dpo")

@@ -11,7 +11,6 @@ import torch
 from conftest import make_hf_model, save_checkpoint
 
 from minift import lora
-from minift.batching import dpo_batch
 from minift.checkpoint import load
 from minift.data import read_preferences, read_sft
 from minift.recipes import DPORecipe, SFTRecipe
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny(tmp_path_factory):
     """A tiny checkpoint and short SFT / preference files (a few dozen rows of a few tokens)."""
     d = tmp_path_factory.mktemp("trainer")
-    ckpt = save_checkpoint(make_hf_model("llama", tie_word_embeddings=True), d / "ckpt", shard=False)
+    save_checkpoint(make_hf_model("llama", tie_word_embeddings=True), d / "ckpt", shard=False)
     with open(d / "sft.jsonl", "w") as f:
         for i in range(48):
             f.write(json.dumps({"prompt": f"add {i} and 1", "completion": f"it is {i + 1}"}) + "\n")
