@@ -42,8 +42,7 @@ class Method:
 # from the base: {"orpo": Method("orpo", "base", "pref", {"loss": "orpo"})}. Flags: --simpo.beta ...
 METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref"),
            "simpo": Method("simpo", "sft", "pref", {"loss": "simpo"}),  # no reference model
-           # no reference model and no SFT stage: it replaces SFT, so it trains for SFT's epochs (and lr)
-           "orpo": Method("orpo", "base", "pref", {"loss": "orpo", "epochs": 3.0}),
+           "orpo": Method("orpo", "base", "pref", {"loss": "orpo"}),  # no reference model and no SFT stage
            "kto": Method("kto", "sft", "pref", {"loss": "kto"})}  # the pairs as desirable / undesirable rows
 
 
@@ -97,8 +96,9 @@ def train_config(cfg: StudyConfig, method: Method, seed: int, data: Path, out: P
         if k not in known:
             raise MinifTError(f"--{method.name}.{k.replace('_', '-')}: not a setting of {cls.__name__}")
     base = dict(seed=seed, data=str(data), out=str(out), progress=False)
-    if cfg.per_task and method.kind == "sft":
-        base["epochs"] = 1.0  # each task's 270 rows once: 3 epochs x 4 tasks would take the design past an hour
+    if method.start == "base":  # SFT, or an arm that replaces it (ORPO): SFT's epochs
+        # per task: each task's 270 rows once; 3 epochs x 4 tasks would take the design past an hour
+        base["epochs"] = 1.0 if cfg.per_task else TrainConfig.epochs
     if adapter is not None:
         base["adapter"] = str(adapter)
     return cls(**{**base, **method.fixed, **over})
