@@ -100,7 +100,8 @@ class TrainConfig:
 @dataclass
 class DPOConfig(TrainConfig):
     out: str = opt("runs/dpo", "output dir: adapter, metrics.jsonl, checkpoint, curves.png")
-    epochs: float = opt(1.0, "passes over the training set when --max-steps is 0", gt=0)
+    epochs: float = opt(None, "passes over the training set when --max-steps is 0 (default 1; orpo, which is also "
+                        "the SFT stage: SFT's 3)", gt=0)
     lr: float = opt(None, "peak learning rate (default 1e-5; orpo, which is also the SFT stage: SFT's 2e-4)", gt=0)
     beta: float = opt(None, "temperature of the preference loss: DPO's pull toward the reference (default 0.1), "
                       "SimPO's reward scale (default 2.0: its rewards are per-token means, the paper's 2-2.5)", gt=0)
@@ -126,6 +127,8 @@ class DPOConfig(TrainConfig):
             self.beta = 2.0 if self.loss == "simpo" else 0.1
         if self.lr is None:
             self.lr = TrainConfig.lr if self.loss == "orpo" else 1e-5
+        if self.epochs is None:
+            self.epochs = TrainConfig.epochs if self.loss == "orpo" else 1.0
 
     def default_data(self):
         return bundled("clinical", "dpo")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minift.study import main, parse_args
+from minift.study import METHODS, main, parse_args, train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,6 +161,18 @@ def test_prefixed_flags_and_config_file(tmp_path):
     cfg = parse_args(["--config", str(conf), "--dpo.beta", "0.2", "--sft.no-merge", "--sft.epochs=2"])
     assert cfg.seed_list() == [0, 1]
     assert cfg.train == {"dpo": {"beta": 0.2, "lr": 1e-5}, "sft": {"merge": False, "epochs": 2.0}}
+
+
+def test_each_design_sets_its_own_defaults_and_flags_win(tmp_path):
+    # per task: SFT one epoch, DPO with the chosen NLL term; mixed: SFT three epochs, plain DPO
+    def settings(argv):
+        cfg = parse_args(argv)
+        sft = train_config(cfg, METHODS["sft"], 0, tmp_path / "d.jsonl", tmp_path / "s", None)
+        dpo = train_config(cfg, METHODS["dpo"], 0, tmp_path / "d.jsonl", tmp_path / "d", tmp_path / "s")
+        return sft.epochs, dpo.sft_weight, dpo.epochs
+    assert settings([]) == (3.0, 0.0, 1.0)
+    assert settings(["--per-task"]) == (1.0, 1.0, 1.0)
+    assert settings(["--per-task", "--dpo.sft-weight", "0", "--sft.epochs", "2"]) == (2.0, 0.0, 1.0)
 
 
 def test_phase_lock_waits_for_a_live_process_and_clears_a_dead_ones(tmp_path):

@@ -218,3 +218,12 @@ def test_malformed_data_through_the_cli(tiny, tmp_path):
 def test_config_flags_mirror_the_dataclass():
     cfg = parse_config(DPOConfig, ["--lora-r", "8", "--no-progress", "--layout", "concat"])
     assert (cfg.lora_r, cfg.progress, cfg.layout, cfg.beta) == (8, False, "concat", 0.1)
+
+
+def test_loss_dependent_defaults_resolve_and_yield_to_flags():
+    # ORPO is also the SFT stage, so it takes SFT's lr and epochs; SimPO's rewards are per-token means (beta 2)
+    pick = lambda argv: (lambda c: (c.lr, c.epochs, c.beta))(parse_config(DPOConfig, argv))  # noqa: E731
+    assert pick([]) == (1e-5, 1.0, 0.1)
+    assert pick(["--loss", "orpo"]) == (TrainConfig.lr, TrainConfig.epochs, 0.1)
+    assert pick(["--loss", "simpo"]) == (1e-5, 1.0, 2.0)
+    assert pick(["--loss", "orpo", "--epochs", "1", "--lr", "5e-5", "--beta", "0.3"]) == (5e-5, 1.0, 0.3)
