@@ -222,7 +222,10 @@ def test_config_flags_mirror_the_dataclass():
 
 def test_loss_dependent_defaults_resolve_and_yield_to_flags():
     # ORPO is also the SFT stage, so it takes SFT's lr and epochs; SimPO's rewards are per-token means (beta 2)
-    pick = lambda argv: (lambda c: (c.lr, c.epochs, c.beta))(parse_config(DPOConfig, argv))  # noqa: E731
+    def pick(argv):
+        cfg = parse_config(DPOConfig, argv)
+        return cfg.lr, cfg.epochs, cfg.beta
+
     assert pick([]) == (1e-5, 1.0, 0.1)
     assert pick(["--loss", "orpo"]) == (TrainConfig.lr, TrainConfig.epochs, 0.1)
     assert pick(["--loss", "simpo"]) == (1e-5, 1.0, 2.0)
