@@ -1,13 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="minift",
     version="0.2.0",
     description="A minimal from-scratch LLM fine-tuning trainer (SFT, DPO, LoRA) with fused log-prob kernels",
-    # The repository keeps kernels/ and data/ at its top; they install as minift.kernels and minift.datasets,
-    # so that nothing named `kernels` (a Hugging Face package's name) or `data` lands in site-packages.
-    packages=["minift", "minift.tasks", "minift.kernels", "minift.datasets"],
-    package_dir={"minift.kernels": "kernels", "minift.datasets": "data"},
+    # Everything lives under minift/: a top-level folder would shadow an installed package of the same name
+    # (Hugging Face's `kernels`, which transformers imports) whenever the repository root is on sys.path.
+    packages=find_packages(include=["minift", "minift.*"]),
     package_data={"minift.datasets": ["*/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[

@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--ckpt", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--default-malloc", action="store_true", help="glibc's dynamic mmap threshold (no fixed one)")
     args = ap.parse_args()
-    row = (ROOT / "data" / "clinical" / "dpo.jsonl").read_text().splitlines()[0]
+    row = (ROOT / "minift" / "datasets" / "clinical" / "dpo.jsonl").read_text().splitlines()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"

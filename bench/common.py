@@ -32,7 +32,7 @@ from minift.batching import dpo_batch, sft_batch  # noqa: E402
 from minift.data import PrefExample, SFTExample, read_preferences  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-CLINICAL = ROOT / "data" / "clinical" / "dpo.jsonl"
+CLINICAL = ROOT / "minift" / "datasets" / "clinical" / "dpo.jsonl"
 LORA = dict(r=16, alpha=32.0, targets="all-linear")  # r=16 on every linear layer of the blocks (not lm_head)
 
 FLOP_MODEL = (

@@ -5,6 +5,21 @@ import json
 import pytest
 import torch
 
+# The peers the tests compare against change under us (pip takes their newest releases): say which ran.
+PEERS = ("torch", "triton", "transformers", "peft", "trl", "kernels", "gguf", "tokenizers", "llama_cpp_python")
+
+
+def pytest_terminal_summary(terminalreporter):  # printed under -q too, where the report header is not
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+    terminalreporter.write_line("tested against: " + ", ".join(f"{name} {version(name)}" for name in PEERS))
+
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -16,8 +16,8 @@ import torch
 from minift import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-TRIAGE = [json.loads(x) for x in (ROOT / "data/triage/test.jsonl").read_text().splitlines()[:3]]
-CLASSIF = [json.loads(x) for x in (ROOT / "data/classification/test.jsonl").read_text().splitlines()[:3]]
+TRIAGE = [json.loads(x) for x in (ROOT / "minift/datasets/triage/test.jsonl").read_text().splitlines()[:3]]
+CLASSIF = [json.loads(x) for x in (ROOT / "minift/datasets/classification/test.jsonl").read_text().splitlines()[:3]]
 
 
 def _jsonl(path, rows):
@@ -74,7 +74,7 @@ def files(tmp_path_factory, tiny_llama):
     f["bad_prompt"] = _jsonl(d / "bad_prompt.jsonl", [dict(CLASSIF[0], prompt=42)])
     f["bad_messages"] = _jsonl(d / "bad_messages.jsonl", [dict(CLASSIF[0], prompt=[{"text": "hi"}])])
     f["bad_label"] = _jsonl(d / "bad_label.jsonl", [dict(CLASSIF[0], label="maybe")])
-    reason = json.loads((ROOT / "data/reasoning/test.jsonl").read_text().splitlines()[0])
+    reason = json.loads((ROOT / "minift/datasets/reasoning/test.jsonl").read_text().splitlines()[0])
     f["letter_not_option"] = _jsonl(d / "letter.jsonl", [dict(reason, label="F")])
     f["options_list"] = _jsonl(d / "options_list.jsonl", [dict(reason, options=list(reason["options"].values()))])
     f["bad_triage"] = _jsonl(d / "bad_triage.jsonl", [dict(TRIAGE[0], labels="urgent")])

@@ -104,7 +104,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     _assert_error(_run("--task", "classification", "--data", str(empty)), "empty file")
-    rows = [json.loads(line) for line in (ROOT / "data/classification/test.jsonl").read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in (ROOT / "minift/datasets/classification/test.jsonl").read_text().splitlines()[:3]]
     del rows[1]["label"]
     bad = tmp_path / "nolabel.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -215,7 +215,7 @@ def test_preference_rows_are_scored_against_their_chosen_answer(tmp_path):
     """`--split dpo` (or a DPO file as --data): a held-out pair is a test item whose gold answer is its chosen."""
     from minift.evaluate import EvalConfig, load_items
 
-    root = Path(__file__).resolve().parents[1] / "data"
+    root = Path(__file__).resolve().parents[1] / "minift" / "datasets"
     rows = [json.loads(line) for t in ("reasoning", "triage") for line in (root / t / "dpo.jsonl").read_text().splitlines()[:2]]
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))

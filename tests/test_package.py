@@ -31,13 +31,13 @@ def _hf_kernels_installed():
 
 
 def _small_sft(path, n=6):
-    lines = (ROOT / "data" / "clinical" / "sft.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    lines = (ROOT / "minift" / "datasets" / "clinical" / "sft.jsonl").read_text(encoding="utf-8").splitlines()[:n]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-# A script run from a file (not `python -c`), so that its directory, not the working directory, is first on
-# sys.path: `python -c` or `python -m` started in the repository root would find the folder kernels/ there first.
+# A script run from a file; the test below also runs it with the repository root first on sys.path (as
+# `python -m pytest` and `python train_sft.py` put it), where no folder of ours may hide Hugging Face's package.
 BOTH = """
 import importlib, json, sys
 from pathlib import Path
@@ -62,15 +62,35 @@ def test_hf_kernels_beside_ours(tiny_llama, tmp_path, where):
     script.write_text(BOTH)
     out = tmp_path / "run"
     cwd = ROOT if where == "inside" else tmp_path
+    env = dict(os.environ, PYTHONPATH=str(ROOT)) if where == "inside" else os.environ  # the root first on sys.path
     proc = subprocess.run([sys.executable, str(script), str(tiny_llama[0]), str(_small_sft(tmp_path / "d.jsonl")),
-                           str(out)], capture_output=True, text=True, cwd=cwd, timeout=300)
+                           str(out)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "site-packages" in files["hf"] and not files["hf"].startswith(str(ROOT))
-    assert files["ours"] == str(ROOT / "kernels" / "__init__.py")  # the editable install maps it to kernels/
+    assert files["ours"] == str(ROOT / "minift" / "kernels" / "__init__.py")
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
     assert [s["step"] for s in steps] == [1, 2] and all(0 < s["loss"] < 20 for s in steps)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """`python -m pytest`, `python -c` and `python train_sft.py` put the repository root first on sys.path: a
+    folder there named like an installed module (kernels/ beside Hugging Face's `kernels` broke transformers'
+    import) would be imported instead of it."""
+    installed = set(metadata.packages_distributions())
+    ours = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    ours |= {p.stem for p in ROOT.glob("*.py")}
+    assert ours - {"minift"} <= {"setup", "train_sft", "train_dpo"}, ours  # scripts, not packages
+    assert not (ours - {"minift"}) & installed, (ours - {"minift"}) & installed
+
+
+def test_transformers_imports_from_the_repository_root():
+    # transformers imports Hugging Face's `kernels` when that is installed: with the root on sys.path (python -c
+    # puts the working directory there), it must still find the installed package.
+    proc = subprocess.run([sys.executable, "-c", "from transformers import LlamaConfig, LlamaForCausalLM"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _source_copy(dst):
@@ -85,10 +105,11 @@ def _source_copy(dst):
 def test_wheel_in_a_fresh_venv(tmp_path):
     src = _source_copy(tmp_path / "src")
     dist = tmp_path / "dist"
-    # Build isolation, as `pip install .` does by default. Without it, the build runs with the source dir first on
-    # sys.path, where the folder kernels/ hides Hugging Face's `kernels` when that is installed, and setuptools
-    # fails loading the egg_info writer it registers (kernels.locking).
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), str(src)],
+    # Without build isolation the build runs with the source dir first on sys.path, where a top-level kernels/
+    # folder would hide Hugging Face's `kernels` (setuptools loads the egg_info writer it registers,
+    # kernels.locking): everything of ours lies under minift/, so this build must pass beside it.
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(dist), str(src)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = dist.glob("minift-*.whl")

@@ -16,7 +16,7 @@ def tiny_data(tmp_path_factory):
     """A few bundled rows of each kind, prompts cut short (the tiny model's byte tokenizer makes long rows)."""
     out = tmp_path_factory.mktemp("pref_study_data")
     for kind in ("sft", "dpo", "test"):
-        rows = [json.loads(x) for x in (ROOT / "data" / "clinical" / f"{kind}.jsonl").read_text().splitlines()][:8]
+        rows = [json.loads(x) for x in (ROOT / "minift" / "datasets" / "clinical" / f"{kind}.jsonl").read_text().splitlines()][:8]
         for r in rows:
             r["prompt"][0]["content"] = r["prompt"][0]["content"][:40]
         (out / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -17,7 +17,7 @@ def tiny_data(tmp_path_factory):
     sequences; the scorer reads the rows' gold fields, not the prompt)."""
     out = tmp_path_factory.mktemp("tiny_data")
     for kind, n in (("sft", 8), ("dpo", 8), ("test", 8)):
-        rows = [json.loads(x) for x in (ROOT / "data" / "clinical" / f"{kind}.jsonl").read_text().splitlines()][:n]
+        rows = [json.loads(x) for x in (ROOT / "minift" / "datasets" / "clinical" / f"{kind}.jsonl").read_text().splitlines()][:n]
         for r in rows:
             r["prompt"][0]["content"] = r["prompt"][0]["content"][:40]
         (out / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,7 +10,7 @@ import pytest
 from minift.tasks import TASKS, build, classification, reasoning, summarization, triage
 from minift.tasks.base import Pool, fact_tokens, find_label
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "minift" / "datasets"
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def write(out_dir: str, seed: int = 0) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Regenerate the bundled synthetic clinical data sets.")
-    ap.add_argument("--out", default="data", help="output folder (default: data)")
+    ap.add_argument("--out", default="minift/datasets", help="output folder (default: minift/datasets)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     for p in write(args.out, args.seed):
