@@ -35,7 +35,8 @@ from bench.common import MALLOC_ENV, RESULTS, conditions  # noqa: E402
 
 def worker(out_json, argv):
     """One rank (or the single process): train, then report peak memory and frozen-weight bytes."""
-    from minift import cli, distributed
+    from minift import cli
+    from minift.train import distributed
 
     record = {}
     wrap = distributed.wrap

@@ -2,10 +2,10 @@
 
 Runs (each trains --repeats + 1 steps on the same batch of --pairs clinical pairs; step 0 is the warm-up):
   trl_sft        trl.SFTTrainer with a peft LoraConfig (completion-only loss), transformers' Llama (SDPA attention)
-  minift_sft     minift.trainer.Trainer + SFTRecipe (fused log-probs on the completion rows)
+  minift_sft     minift.train.trainer.Trainer + SFTRecipe (fused log-probs on the completion rows)
   trl_dpo        trl.DPOTrainer with the LoraConfig: reference = the same model with the adapter disabled, computed
                  in each step (TRL's default with PEFT and no ref_model)
-  minift_dpo     minift.trainer.Trainer + DPORecipe, shared-prompt layout, reference with the adapters off computed
+  minift_dpo     minift.train.trainer.Trainer + DPORecipe, shared-prompt layout, reference with the adapters off computed
                  in each step (--ref adapters-off: the same reference TRL computes)
   minift_dpo_cached   minift's default: the reference log-probs computed once before training (--ref cached)
 Each run goes once per --checkpointing setting, the same on both sides: "off" (every activation kept) and "on"
@@ -58,7 +58,7 @@ def trl_missing():
 def prepare(args, work):
     """The shared starting point: pairs and an adapter dir both sides load. Returns (pairs, adapter_dir)."""
     import minift
-    from minift import lora
+    from minift.model import lora
 
     torch.manual_seed(args.seed)
     model, tok = minift.load(args.ckpt, dtype=args.dtype, device="cpu")
@@ -103,7 +103,7 @@ def trl_run(kind, args, pairs, adapter, work, ckpt_on):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    ckpt = args.ckpt or __import__("minift.fetch", fromlist=["x"]).default_checkpoint()
+    ckpt = args.ckpt or __import__("minift.model.fetch", fromlist=["x"]).default_checkpoint()
     tok = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=args.dtype).to(args.device)
     # A fresh adapter through peft_config (TRL's reference is then the base, adapters disabled, as minift's
@@ -158,11 +158,11 @@ def trl_run(kind, args, pairs, adapter, work, ckpt_on):
 def minift_run(kind, args, pairs, adapter, work, ckpt_on):
     """The same through minift's Trainer.run_step."""
     import minift
-    from minift import lora
-    from minift.recipes import DPORecipe, SFTRecipe
-    from minift.reference import Reference
-    from minift.train_config import DPOConfig, TrainConfig
-    from minift.trainer import Trainer
+    from minift.model import lora
+    from minift.train.recipes import DPORecipe, SFTRecipe
+    from minift.train.reference import Reference
+    from minift.train.train_config import DPOConfig, TrainConfig
+    from minift.train.trainer import Trainer
 
     model, tok = minift.load(args.ckpt, dtype=args.dtype, device=args.device)
     lora.load_adapter(model, adapter, trainable=True)

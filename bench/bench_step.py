@@ -8,15 +8,15 @@ batch of --pairs preference pairs (SFT: the prompt + chosen of the same pairs, s
   dpo_naive       DPO, concat layout (chosen and rejected rows each repeat the prompt), full logits,
                   reference computed on the fly with the adapters off
   dpo_fused       + kernels.linear_token_logprobs over all positions (no [rows x V] logits tensor)
-  dpo_completion  + only completion rows through the vocab projection (minift.losses, concat layout)
+  dpo_completion  + only completion rows through the vocab projection (minift.train.losses, concat layout)
   dpo_shared      + the shared-prompt layout: [prompt | chosen | rejected], the prompt computed once
   dpo_unpadded    + the pads of the rows not computed (batch.lengths -> model.Unpadded)
                     (train_dpo.py --ref adapters-off)
-  dpo_cached      + cached reference: its log-probs precomputed once (minift.reference, --ref cached); the step
+  dpo_cached      + cached reference: its log-probs precomputed once (minift.train.reference, --ref cached); the step
                     runs no reference forward (minift's default)
-  simpo           SimPO (minift.pref_losses): the dpo_unpadded batch, no reference at all (nothing to cache)
+  simpo           SimPO (minift.train.pref_losses): the dpo_unpadded batch, no reference at all (nothing to cache)
   orpo            ORPO: the same, + the chosen completion's NLL (from the same log-probs: no extra FLOPs)
-  kto             KTO on the same P pairs as 2P unpaired examples (minift.unpaired), each one row
+  kto             KTO on the same P pairs as 2P unpaired examples (minift.train.unpaired), each one row
                   [prompt | completion | KL completion y'] (shared-prompt layout, pads not computed), cached reference
   ref_pass        not a training step: the cached reference's one-time no-grad pass over the same pairs (what
                   building the cache costs per step's worth of data, paid once per data set and reference)
@@ -47,11 +47,11 @@ import common  # noqa: E402  (puts the checkout on sys.path)
 
 from minift import kernels  # noqa: E402
 import minift  # noqa: E402
-from minift import lora  # noqa: E402
-from minift.losses import dpo_loss_sums, dpo_losses, sequence_logps, sft_loss_sum  # noqa: E402
-from minift.pref_losses import kto_loss_sums, orpo_loss_sums, simpo_loss_sums  # noqa: E402
-from minift.unpaired import assign_kl, kto_batch, pairs_to_unpaired  # noqa: E402
-from minift.reference import Reference  # noqa: E402
+from minift.model import lora  # noqa: E402
+from minift.train.losses import dpo_loss_sums, dpo_losses, sequence_logps, sft_loss_sum  # noqa: E402
+from minift.train.pref_losses import kto_loss_sums, orpo_loss_sums, simpo_loss_sums  # noqa: E402
+from minift.train.unpaired import assign_kl, kto_batch, pairs_to_unpaired  # noqa: E402
+from minift.train.reference import Reference  # noqa: E402
 
 VARIANTS = {
     "sft_naive": "SFT, full logits",

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import minift from this checkout
 
-from minift.batching import dpo_batch, sft_batch  # noqa: E402
-from minift.data import PrefExample, SFTExample, read_preferences  # noqa: E402
+from minift.train.batching import dpo_batch, sft_batch  # noqa: E402
+from minift.train.data import PrefExample, SFTExample, read_preferences  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CLINICAL = ROOT / "minift" / "datasets" / "clinical" / "dpo.jsonl"
@@ -214,9 +214,9 @@ def tiny_checkpoint(out_dir):
     template, written by minift.save_hf as an HF checkpoint dir that minift and transformers both load."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from minift.checkpoint import save_hf
-    from minift.config import ModelConfig
-    from minift.model import Transformer
+    from minift.model.checkpoint import save_hf
+    from minift.model.config import ModelConfig
+    from minift.model.transformer import Transformer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,8 +246,8 @@ def tiny_checkpoint(out_dir):
 # --- the FLOP model ----------------------------------------------------------------------------------------------
 
 
-# Dims and pass_flops live in minift/flops.py (the study reports a run's compute with them).
-from minift.flops import Dims, pass_flops  # noqa: E402,F401
+# Dims and pass_flops live in minift/study/flops.py (the study reports a run's compute with them).
+from minift.study.flops import Dims, pass_flops  # noqa: E402,F401
 
 
 def attn_pairs(batch):

@@ -181,8 +181,8 @@ def small_data(work, n_rows):
 
 def train(kind, ckpt, data, out, device, dtype, steps, adapter=None):
     """metrics.jsonl records of a short run (batch 2, no dropout, no eval) and its peak device memory."""
-    from minift.recipes import run_dpo, run_sft
-    from minift.train_config import DPOConfig, TrainConfig, parse_config
+    from minift.train.recipes import run_dpo, run_sft
+    from minift.train.train_config import DPOConfig, TrainConfig, parse_config
 
     argv = ["--data", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", "2",
             "--max-length", "1024", "--lora-dropout", "0", "--eval-fraction", "0", "--eval-every", "0",
@@ -253,7 +253,7 @@ def bench_loss_rows(work, dry_run):
 def generate_rows(ckpt, device):
     if device != "cuda":
         return [row("generate", "host-device syncs per token", note="skipped: counted by CUDA's sync debug mode")]
-    from minift.generate import generate, load_for_generation
+    from minift.eval.generate import generate, load_for_generation
 
     rows, texts = [], {}
     for dev, dt in (("cuda", "bfloat16"), ("cpu", "float32")):
@@ -325,7 +325,7 @@ def main(argv=None):
 
             ckpt = tiny_checkpoint(work / "tiny")
         elif ckpt is None:
-            from minift.fetch import default_checkpoint
+            from minift.model.fetch import default_checkpoint
 
             default_checkpoint()  # fetched and converted first: a machine without the network fails here, at once
         sections = {"kernels": lambda: kernel_rows(TINY if args.dry_run else FULL, device, ("float32", "bfloat16"),

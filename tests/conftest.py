@@ -86,7 +86,7 @@ def tiny_llama(tmp_path_factory):
 
 def make_pairs(n=3, seed=0):
     """n preference pairs of random byte tokens with prompts and completions of different lengths."""
-    from minift.data import PrefExample
+    from minift.train.data import PrefExample
     g = torch.Generator().manual_seed(seed)
     rand = lambda k: torch.randint(0, 256, (k,), generator=g).tolist()  # noqa: E731
     pairs = []
@@ -101,8 +101,8 @@ def make_pairs(n=3, seed=0):
 def adapted(tiny_llama):
     """(minift model with a nonzero LoRA adapter, fp64 transformers copy with the adapter merged, fp64 base):
     the policy and reference of the loss tests. A nonzero adapter, so that policy and reference differ."""
-    from minift import lora
-    from minift.checkpoint import load_model, to_hf_name
+    from minift.model import lora
+    from minift.model.checkpoint import load_model, to_hf_name
     ckpt, hf = tiny_llama
     model = load_model(ckpt)  # fp32
     torch.manual_seed(0)  # LoRA's A init draws from the global generator: fix it, whatever ran before

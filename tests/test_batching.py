@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_hf_model, save_checkpoint
 
-from minift.batching import LAYOUTS, dpo_batch, sft_batch
-from minift.checkpoint import load_model
-from minift.data import PrefExample, SFTExample
+from minift.train.batching import LAYOUTS, dpo_batch, sft_batch
+from minift.model.checkpoint import load_model
+from minift.train.data import PrefExample, SFTExample
 from minift.errors import MinifTError
 
 PAD = 263

@@ -10,8 +10,8 @@ import torch
 from conftest import make_hf_model, save_checkpoint
 from safetensors.torch import load_file, save_file
 
-from minift.checkpoint import from_hf_name, load_model, save_hf, to_hf_name
-from minift.config import ModelConfig
+from minift.model.checkpoint import from_hf_name, load_model, save_hf, to_hf_name
+from minift.model.config import ModelConfig
 from minift.errors import MinifTError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,7 @@ def _jsonl(path, rows):
     return path
 
 
-def _record(task, i, gold="current", **kw):  # a predictions.jsonl record as minift.evaluate writes one
+def _record(task, i, gold="current", **kw):  # a predictions.jsonl record as minift.eval.evaluate writes one
     return {"task": task, "id": str(i), "output": gold, "gold": gold, "pred": gold, "correct": True,
             "parsed": True, **kw}
 
@@ -52,7 +52,7 @@ def files(tmp_path_factory, tiny_llama):
     (d / "bad_adapter_json" / "adapter_config.json").write_text("{")
     (d / "bad_adapter_json" / "adapter_model.safetensors").write_bytes(b"")
     import minift
-    from minift.lora import apply_lora, save_adapter
+    from minift.model.lora import apply_lora, save_adapter
 
     model, _ = minift.load(str(tiny_llama[0]))
     apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)

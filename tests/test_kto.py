@@ -5,10 +5,10 @@ import json
 import pytest
 from conftest import write_byte_tokenizer
 
-from minift.data import read_preferences, read_sft
+from minift.train.data import read_preferences, read_sft
 from minift.errors import MinifTError
-from minift.tokenizer import Tokenizer
-from minift.unpaired import KTOExample, assign_kl, kto_batch, read_unpaired, split_unpaired
+from minift.model.tokenizer import Tokenizer
+from minift.train.unpaired import KTOExample, assign_kl, kto_batch, read_unpaired, split_unpaired
 
 
 @pytest.fixture(scope="module")

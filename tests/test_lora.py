@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minift.checkpoint import load_model
+from minift.model.checkpoint import load_model
 from minift.errors import MinifTError
-from minift.lora import (LoRALinear, adapters_disabled, add_adapter_copy, apply_lora, load_adapter, lora_modules,
+from minift.model.lora import (LoRALinear, adapters_disabled, add_adapter_copy, apply_lora, load_adapter, lora_modules,
                          lora_summary, merge_lora, save_adapter, save_merged, unmerge_lora, use_adapter)
 
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))

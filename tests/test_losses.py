@@ -12,8 +12,10 @@ from collections import defaultdict
 import pytest
 import torch
 
-from minift import batching, data, lora, losses
-from minift.reference import Reference
+from minift.train import batching, data, losses
+
+from minift.model import lora
+from minift.train.reference import Reference
 
 from conftest import make_pairs
 

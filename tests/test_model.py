@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_hf_model, save_checkpoint
 
-from minift.checkpoint import load_model
-from minift.generate import generate
+from minift.model.checkpoint import load_model
+from minift.eval.generate import generate
 
 
 def logits_of(ours, ids, **kw):
@@ -104,7 +104,7 @@ def test_swiglu_function_matches_autograd_in_fp64():
     """The hand-written SwiGLU backward (only gate and up saved) against autograd through F.silu(gate) * up:
     gradcheck in fp64 (finite differences), then values and gradients at fp64 round-off, on values wide enough
     (|gate| up to ~12) that sigmoid saturates on both sides."""
-    from minift.model import SwiGLU, swiglu
+    from minift.model.transformer import SwiGLU, swiglu
 
     g = torch.Generator().manual_seed(0)
     gate = (4 * torch.randn(5, 7, generator=g, dtype=torch.float64)).requires_grad_()

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from minift.errors import MinifTError
-from minift.pairs import (diagnostics_lines, imbalance_warnings, label_counts, model_sampler, on_policy_pairs,
+from minift.study.pairs import (diagnostics_lines, imbalance_warnings, label_counts, model_sampler, on_policy_pairs,
                           read_pairs, write_pairs)
 from minift.tasks import build
 

@@ -14,12 +14,12 @@ from collections import defaultdict
 import pytest
 import torch
 
-from minift import batching, losses, pref_losses
+from minift.train import batching, losses, pref_losses
 from minift.errors import MinifTError
-from minift.reference import Reference
+from minift.train.reference import Reference
 
 from conftest import make_pairs
-from minift.unpaired import KTOExample, assign_kl, kto_batch
+from minift.train.unpaired import KTOExample, assign_kl, kto_batch
 
 TOL = dict(rel=1e-5, abs=1e-5)
 CPU = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from minift.study import METHODS, main
+from minift.study.run import METHODS, main
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("simpo", "orpo", "kto")

@@ -6,11 +6,13 @@ import shutil
 import pytest
 import torch
 
-from minift import batching, data, lora, losses
-from minift.checkpoint import load_model
+from minift.train import batching, data, losses
+
+from minift.model import lora
+from minift.model.checkpoint import load_model
 from minift.errors import MinifTError
-from minift.reference import CACHE_FILE, Reference, key_parts
-from minift.tokenizer import Tokenizer
+from minift.train.reference import CACHE_FILE, Reference, key_parts
+from minift.model.tokenizer import Tokenizer
 
 ROWS = [("What is the dose?", "Five milligrams daily.", "Take as much as you like."),
         ("Is the rash serious?", "See a doctor if it spreads.", "Ignore it."),

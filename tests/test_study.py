@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minift.study import METHODS, main, parse_args, train_config
+from minift.study.run import METHODS, main, parse_args, train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_report_files_and_every_cell(study):
 
 @pytest.mark.slow  # a whole (tiny) study: seconds alone, longer on a busy machine
 def test_p_values_equal_compare(study):
-    from minift.compare import compare
+    from minift.eval.compare import compare
 
     _, out = study
     rep = json.loads((out / "report.json").read_text())
@@ -179,7 +179,7 @@ def test_phase_lock_waits_for_a_live_process_and_clears_a_dead_ones(tmp_path):
     import subprocess
     import sys
 
-    from minift.phases import Phase
+    from minift.study.phases import Phase
 
     logs = []
     phase = Phase(tmp_path / "p", "p", {"a": 1}, logs.append)

@@ -222,7 +222,7 @@ def test_bundled_pairs_reject_each_label_about_as_often_as_it_is_chosen(built, n
     # A label rejected more often than chosen teaches DPO a prior against it (the triage provider collapse).
     # Per label: share of the rejections vs share of the choices, within 10% of each other (the greedy
     # balancer keeps them within a count or two of each other).
-    from minift.pairs import label_counts
+    from minift.study.pairs import label_counts
 
     labels = label_counts(built[name]["dpo"])[name][field]
     n_c = sum(c for c, _ in labels.values())

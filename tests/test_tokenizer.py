@@ -1,4 +1,4 @@
-"""minift.tokenizer against transformers: chat rendering, token ids, special tokens, errors.
+"""minift.model.tokenizer against transformers: chat rendering, token ids, special tokens, errors.
 
 Each case writes a small byte-level BPE tokenizer (merges learned from a few lines of text) with one chat
 template into a directory, loads it with minift and with transformers' AutoTokenizer, and compares.
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from minift.errors import MinifTError
-from minift.tokenizer import Tokenizer
+from minift.model.tokenizer import Tokenizer
 
 # Llama 3.1 style: BOS written by the template, header tokens, strftime_now, trim filter.
 LLAMA3 = """{{- bos_token }}

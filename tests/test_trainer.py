@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import make_hf_model, save_checkpoint
 
-from minift import lora
-from minift.checkpoint import load
-from minift.data import read_preferences, read_sft
-from minift.recipes import DPORecipe, SFTRecipe
-from minift.reference import Reference
-from minift.train_config import DPOConfig, TrainConfig, parse_config
-from minift.trainer import Trainer, lr_at
+from minift.model import lora
+from minift.model.checkpoint import load
+from minift.train.data import read_preferences, read_sft
+from minift.train.recipes import DPORecipe, SFTRecipe
+from minift.train.reference import Reference
+from minift.train.train_config import DPOConfig, TrainConfig, parse_config
+from minift.train.trainer import Trainer, lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -177,5 +177,5 @@ class Task:
         raise NotImplementedError
 
     def paired_tests(self, items_a: list[dict], items_b: list[dict], n_boot: int, seed: int) -> list[dict]:
-        """Significance of B - A on aligned items: one dict per metric (see minift.stats)."""
+        """Significance of B - A on aligned items: one dict per metric (see minift.tasks.stats)."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from minift import stats
+from minift.tasks import stats
 from minift.tasks.base import Balance, Case, Task, find_label, pool
 
 LABELS = ("current", "past", "absent")

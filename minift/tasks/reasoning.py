@@ -13,7 +13,7 @@ import json
 import random
 import re
 
-from minift import stats
+from minift.tasks import stats
 from minift.errors import MinifTError
 from minift.tasks.base import Balance, Case, Task, pool
 from minift.tasks.conditions import CONDITIONS

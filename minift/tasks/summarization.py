@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from minift import stats
+from minift.tasks import stats
 from minift.tasks.base import Case, Task, fact_tokens, pool, tokens
 
 # diagnosis, complaint, a supporting finding, new medication, its dose, the ruled-out alternative, follow-up with

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 
-from minift import stats
+from minift.tasks import stats
 from minift.errors import MinifTError
 from minift.tasks.base import Balance, Case, Task, find_label, pool
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minift.batching import dpo_batch
-from minift.data import PrefExample, _BadRow, _kind, _need, _pref_row, _read, _sft_row, split_eval
+from minift.train.batching import dpo_batch
+from minift.train.data import PrefExample, _BadRow, _kind, _need, _pref_row, _read, _sft_row, split_eval
 from minift.errors import MinifTError
 
 

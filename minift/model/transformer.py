@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minift.config import ModelConfig
+from minift.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

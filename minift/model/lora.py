@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minift.checkpoint import save_hf, to_hf_name
+from minift.model.checkpoint import save_hf, to_hf_name
 from minift.errors import MinifTError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # HF names; never lm_head

@@ -22,8 +22,8 @@ from minift.kernels import linear_token_logprobs
 from minift.errors import MinifTError
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # dpo_losses, against a reference
-REFERENCE_FREE = ("simpo", "orpo")  # minift/pref_losses.py: scored from the policy alone, no reference pass
-UNPAIRED = ("kto",)  # minift/pref_losses.py: one completion per example, marked desirable or not
+REFERENCE_FREE = ("simpo", "orpo")  # minift/train/pref_losses.py: scored from the policy alone, no reference pass
+UNPAIRED = ("kto",)  # minift/train/pref_losses.py: one completion per example, marked desirable or not
 LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE + UNPAIRED  # train_dpo.py --loss; the first is the default
 
 

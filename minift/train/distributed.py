@@ -263,8 +263,8 @@ def shard(model, ckpt_dir, d):
     """FSDP2 on a shell model (load(..., shell=True)) with LoRA attached; each rank reads its rows from the files."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from minift.checkpoint import ShardReader
-    from minift.model import rope_inv_freq
+    from minift.model.checkpoint import ShardReader
+    from minift.model.transformer import rope_inv_freq
 
     # Keep what exists only in memory (the LoRA factors, initialised or loaded already: small), then drop all
     # storage: the model goes to the meta device, is sharded there, and each rank allocates only its shards.

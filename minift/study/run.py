@@ -24,7 +24,7 @@ from pathlib import Path
 
 from minift.defaults import bundled
 from minift.errors import MinifTError
-from minift.phases import Phase, Tee, adapter_digest, file_digest, model_digest, resolve_ckpt
+from minift.study.phases import Phase, Tee, adapter_digest, file_digest, model_digest, resolve_ckpt
 from minift.tasks import TASKS, get_task
 
 
@@ -90,7 +90,7 @@ class StudyConfig:
 
 
 def train_config(cfg: StudyConfig, method: Method, seed: int, data: Path, out: Path, adapter: Path | None):
-    from minift.train_config import DPOConfig, TrainConfig
+    from minift.train.train_config import DPOConfig, TrainConfig
 
     cls = TrainConfig if method.kind == "sft" else DPOConfig
     over = dict(cfg.train.get(method.name, {}))
@@ -122,7 +122,7 @@ def train(cfg, method, seed, ckpt_dir, ckpt_arg, data, out, adapter, log) -> Pha
     phase = Phase(Path(out), method.name, parts, log)
 
     def fn(resume):
-        from minift.recipes import run_dpo, run_sft
+        from minift.train.recipes import run_dpo, run_sft
 
         tee = Tee(sys.stderr)
         with contextlib.redirect_stderr(tee):
@@ -135,8 +135,8 @@ def train(cfg, method, seed, ckpt_dir, ckpt_arg, data, out, adapter, log) -> Pha
 
 
 def evaluate(cfg, name, ckpt_dir, ckpt_arg, test, tasks, out, adapter, log) -> dict:
-    from minift.evaluate import EvalConfig
-    from minift.evaluate import evaluate as run_eval
+    from minift.eval.evaluate import EvalConfig
+    from minift.eval.evaluate import evaluate as run_eval
 
     task = tasks[0] if len(tasks) == 1 else "all"
     ec = EvalConfig(ckpt=ckpt_arg, adapter=str(adapter) if adapter else None, task=task, data=[str(t) for t in test],
@@ -147,7 +147,7 @@ def evaluate(cfg, name, ckpt_dir, ckpt_arg, test, tasks, out, adapter, log) -> d
 
 
 def make_pairs(cfg, ckpt_dir, ckpt_arg, src: Path, sft_adapter: Path | None, out: Path, seed, log) -> dict:
-    from minift.pairs import (diagnostics_lines, imbalance_warnings, label_counts, model_sampler,
+    from minift.study.pairs import (diagnostics_lines, imbalance_warnings, label_counts, model_sampler,
                               on_policy_pairs, read_pairs, write_pairs)
 
     parts = {"pairs": cfg.pairs, "data": file_digest(src), "seed": seed}
@@ -159,11 +159,11 @@ def make_pairs(cfg, ckpt_dir, ckpt_arg, src: Path, sft_adapter: Path | None, out
         rows = read_pairs(src)
         sources = {"bundled": len(rows)}
         if cfg.pairs == "on-policy":
-            import minift
+            from minift.model.checkpoint import load
 
-            model, tok = minift.load(ckpt_arg)
+            model, tok = load(ckpt_arg)
             if sft_adapter is not None:
-                from minift.lora import load_adapter
+                from minift.model.lora import load_adapter
 
                 load_adapter(model, str(sft_adapter))
             rows, sources = on_policy_pairs(rows, model_sampler(model.eval(), tok, cfg.temperature), cfg.k, seed,
@@ -222,7 +222,7 @@ def slug(ckpt) -> str:
 
 
 def run_study(cfg: StudyConfig) -> dict:
-    from minift.study_report import write_report
+    from minift.study.report import write_report
 
     check_inputs(cfg)
     out = Path(cfg.out)
@@ -333,7 +333,7 @@ def parse_args(argv=None) -> StudyConfig:
 
 def _prefixed(rest: list[str]) -> dict:
     """--dpo.beta 0.2 --sft.no-merge ... -> {"dpo": {"beta": 0.2}, ...}, typed by the config's fields."""
-    from minift.train_config import DPOConfig, TrainConfig
+    from minift.train.train_config import DPOConfig, TrainConfig
 
     out: dict = {}
     i = 0
@@ -377,8 +377,3 @@ def _typed(flag, f, value, neg):
 def main(argv=None):
     run_study(parse_args(argv))
 
-
-if __name__ == "__main__":
-    from minift.errors import run_cli
-
-    run_cli(main)

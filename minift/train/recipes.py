@@ -1,18 +1,14 @@
 """SFT and DPO runs: load the model, attach LoRA, read the data, pick the reference, and hand a recipe to the
 Trainer. `run_sft(cfg)` and `run_dpo(cfg)` are what train_sft.py and train_dpo.py call."""
-import json
-from pathlib import Path
+from minift.train import distributed
 
-import torch
-
-from minift import distributed, lora
-from minift.batching import dpo_batch, sft_batch
-from minift.checkpoint import load
-from minift.defaults import DEFAULT_MODEL_HUB_ID, pick_device, pick_dtype
-from minift.data import read_preferences, read_sft, split_eval
-from minift.losses import REFERENCE_FREE, UNPAIRED, dpo_loss_sums, sequence_logps, sft_loss_sum
-from minift.reference import Reference, key_parts
-from minift.trainer import Trainer, console
+from minift.model import lora
+from minift.train.batching import dpo_batch, sft_batch
+from minift.train.data import read_preferences, read_sft
+from minift.train.launch import attach_lora, ckpt_dir, ckpt_name, finish, setup, split
+from minift.train.losses import REFERENCE_FREE, UNPAIRED, dpo_loss_sums, sequence_logps, sft_loss_sum
+from minift.train.reference import Reference, key_parts
+from minift.train.trainer import Trainer, console
 
 
 class SFTRecipe:
@@ -61,73 +57,11 @@ class DPORecipe:
         return dpo_loss_sums(policy, ref_logps, **self.loss_args)  # the trainer then calls backward
 
 
-def setup(cfg):
-    """Seed, then load the model for the configured device and dtype."""
-    torch.manual_seed(cfg.seed)
-    d = distributed.current()  # torchrun: this rank's place (run_sft / run_dpo joined the group); else one process
-    console.quiet = not d.main  # rank 0 alone prints and draws the progress bar
-    device = d.device if d.on else pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    if cfg.ckpt is None and d.on:  # the embedded model is fetched and converted once, by rank 0
-        if d.main:
-            from minift.fetch import default_checkpoint
-
-            default_checkpoint()
-        distributed.barrier()
-    # FSDP: a shell without weights; distributed.wrap fills each rank's shards after LoRA is attached.
-    model, tok = load(cfg.ckpt, dtype=dtype, device=device, shell=d.parallel == "fsdp")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    return model, tok, device
-
-
-def split(cfg, reader, tok, splitter=split_eval):
-    """(data path, train, eval) examples: --eval-data when given, else --eval-fraction of --data."""
-    data = Path(cfg.data) if cfg.data else cfg.default_data()
-    stats = {}
-    examples = reader(data, tok, cfg.max_length, cfg.skip_bad_rows, stats)
-    if cfg.eval_data:
-        held = reader(cfg.eval_data, tok, cfg.max_length, cfg.skip_bad_rows)
-    else:
-        examples, held = splitter(examples, cfg.eval_fraction, cfg.seed)
-    counts = ", ".join(f"{k} {v}" for k, v in stats.items())
-    console.print(f"data: {data} -> {len(examples)} train / {len(held)} eval examples ({counts})")
-    return data, examples, held
-
-
-def attach_lora(cfg, model):
-    lora.apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.rslora)
-
-
-def finish(cfg, model, tok, ckpt_name):
-    out, d = Path(cfg.out), distributed.current()
-    lora_params = [n for n, _ in model.named_parameters() if "lora_" in n]
-    with distributed.gathered(model, lora_params):  # FSDP: every rank gathers the adapter, rank 0 writes it
-        if d.main:
-            (out / "run_config.json").write_text(json.dumps(vars(cfg), indent=2, default=str))
-            lora.save_adapter(model, out, base_model_name_or_path=ckpt_name)
-            if cfg.merge:
-                lora.save_merged(model, tok, out / "merged")
-    console.print(f"saved adapter to {out}" + (f" and merged model to {out / 'merged'}" if cfg.merge else ""))
-
-
-def ckpt_dir(cfg):
-    if cfg.ckpt:
-        return Path(cfg.ckpt)
-    from minift.fetch import default_checkpoint
-
-    return default_checkpoint()
-
-
-def ckpt_name(cfg):
-    return str(cfg.ckpt) if cfg.ckpt else DEFAULT_MODEL_HUB_ID
-
-
 @distributed.entry  # torchrun: joins the process group first, leaves it after the run
 def run_sft(cfg):
     model, tok, device = setup(cfg)
     _, train, held = split(cfg, read_sft, tok)
     attach_lora(cfg, model)
-    console.print(lora.lora_summary(model))
     wrapped = distributed.wrap(model, ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
     Trainer(cfg, wrapped, SFTRecipe(tok.pad_id, device), train, held, cfg.out).fit()
     finish(cfg, model, tok, ckpt_name(cfg))
@@ -135,19 +69,13 @@ def run_sft(cfg):
 
 @distributed.entry
 def run_dpo(cfg):
-    if cfg.loss in REFERENCE_FREE + UNPAIRED:  # simpo, orpo, kto: minift/pref_recipes.py
-        from minift.pref_recipes import run_pref
+    if cfg.loss in REFERENCE_FREE + UNPAIRED:  # simpo, orpo, kto: minift/train/pref_recipes.py
+        from minift.train.pref_recipes import run_pref
 
         return run_pref(cfg)
     model, tok, device = setup(cfg)
     data, train, held = split(cfg, read_preferences, tok)
-    if cfg.adapter:
-        # DPO after SFT: train the SFT adapter further; a frozen copy of it is the reference.
-        lora.load_adapter(model, cfg.adapter, trainable=True)
-        lora.add_adapter_copy(model, "default", "reference")
-    else:
-        attach_lora(cfg, model)
-    console.print(lora.lora_summary(model))
+    attach_lora(cfg, model, keep_reference=True)  # after SFT: a frozen copy of the SFT adapter is the reference
     wrapped = distributed.wrap(model, ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
     parts = key_parts(data, ckpt_dir(cfg), max_length=cfg.max_length, eval_data=cfg.eval_data,
                       eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any")

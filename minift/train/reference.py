@@ -21,9 +21,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minift import distributed, lora
+from minift.train import distributed
+
+from minift.model import lora
 from minift.errors import MinifTError
-from minift.losses import token_logps
+from minift.train.losses import token_logps
 
 STRATEGIES = ("cached", "adapters-off", "adapter")  # the first is the default
 CACHE_FILE = "ref_logps.safetensors"

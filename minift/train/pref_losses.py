@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from minift.errors import MinifTError
-from minift.losses import SeqLogps, split_pairs
+from minift.train.losses import SeqLogps, split_pairs
 
 
 def _pairs(policy: SeqLogps, where):

@@ -1,7 +1,7 @@
 """The training loop shared by SFT and DPO: AdamW, warmup + cosine, gradient accumulation, clipping, eval,
 atomic checkpoints with exact resume, a NaN guard, a rich progress bar and `metrics.jsonl`.
 
-A recipe (minift/recipes.py) supplies the work per micro-batch:
+A recipe (minift/train/recipes.py) supplies the work per micro-batch:
     recipe.count(examples) -> int       what the loss is a mean over (target tokens for SFT, pairs for DPO)
     recipe.make_batch(examples) -> batch
     recipe.loss_sums(model, batch) -> (loss_sum, {metric: sum})   summed, not averaged, over the micro-batch
@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from minift import distributed
+from minift.train import distributed
 from minift.errors import MinifTError
 
 console = Console(stderr=True)

@@ -49,16 +49,16 @@ def resolve_ckpt(ckpt) -> Path:
     """The checkpoint dir (the embedded default is fetched/converted on first use); one error if unusable."""
     if ckpt is None:
         try:
-            from minift.fetch import default_checkpoint
+            from minift.model.fetch import default_checkpoint
         except ImportError:
-            from minift.gguf import default_checkpoint
+            from minift.model.gguf import default_checkpoint
         return Path(default_checkpoint())
     p = Path(ckpt)
     if not p.is_dir():
         raise MinifTError(f"--ckpt {ckpt}: checkpoint directory not found")
     if not (p / "config.json").is_file():
         raise MinifTError(f"--ckpt {ckpt}: no config.json (not a Hugging Face checkpoint dir)")
-    from minift.config import ModelConfig
+    from minift.model.config import ModelConfig
 
     ModelConfig.from_hf(p / "config.json")  # an unsupported architecture fails here, before any phase
     return p

@@ -3,7 +3,7 @@
     python -m minift.evaluate compare runs/eval/base runs/eval/sft       # paired significance, B - A
     python -m minift.evaluate rescore runs/eval/base                     # re-score saved outputs
 
-A run directory is what `minift.evaluate` writes: predictions.jsonl (one record per item, keyed by task and
+A run directory is what `minift.eval.evaluate` writes: predictions.jsonl (one record per item, keyed by task and
 id) and summary.json. `compare` pairs two runs item by item; each task names its paired tests.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from minift.errors import MinifTError
-from minift.evaluate import EvalConfig, load_items, print_summary, read_jsonl, write_run
+from minift.eval.evaluate import EvalConfig, load_items, print_summary, read_jsonl, write_run
 from minift.tasks import TASKS, get_task
 
 
@@ -51,7 +51,7 @@ def compare(run_a: str, run_b: str, n_boot: int = 10000, seed: int = 0) -> list[
             tests = get_task(name).paired_tests([a[k] for k in keys], [b[k] for k in keys], n_boot, seed)
         except (KeyError, TypeError, ValueError) as e:  # a record without the fields its task scores
             raise MinifTError(f"{run_a} / {run_b}: {name} records lack what the paired tests read "
-                              f"({type(e).__name__}: {e}); were they written by minift.evaluate?") from None
+                              f"({type(e).__name__}: {e}); were they written by minift.eval.evaluate?") from None
         results += [{"task": name, **res} for res in tests]
     return results
 
@@ -105,7 +105,7 @@ def print_compare(results: list[dict], run_a: str, run_b: str) -> None:
 
 def main(argv: list[str]) -> None:
     """argv[0] is the subcommand: `compare A B [...]` or `rescore RUN`."""
-    from minift.cli import SEED, ArgumentParser, number
+    from minift.args import SEED, ArgumentParser, number
 
     if argv[0] == "rescore":
         ap = ArgumentParser(prog="python -m minift.evaluate rescore",

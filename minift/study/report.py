@@ -1,7 +1,7 @@
 """The study's report: report.md (the paper's table per model, collapse flags, pair diagnostics, compute, phase
 times), report.json (every number of it) and report.png (each task's primary metric with 95% intervals).
 
-p-values come from minift.compare.compare, the code of `python -m minift.evaluate compare`, on the same run
+p-values come from minift.eval.compare.compare, the code of `python -m minift.evaluate compare`, on the same run
 folders. Over several seeds a cell shows the mean and the spread (sample sd) of the metric, and the p-value
 of each seed's own paired test (seed runs are not pooled: items repeat across seeds, they are not new cases).
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minift import stats
-from minift.compare import compare, read_run
+from minift.tasks import stats
+from minift.eval.compare import compare, read_run
 
 # The metric each task is judged by. Summarization: key-fact recall, because the study's clinicians graded
 # whether a summary keeps what matters (diagnosis, new medication, follow-up); ROUGE-L rewards the reference's
@@ -102,12 +102,12 @@ def fmt_p(p):
 
 # --------------------------------------------------------------------------------------------- compute
 def compute(cfg, ckpt_dir, seed_res):
-    """Wall seconds and FLOPs (minift.flops) of each training arm of one seed."""
-    from minift.config import ModelConfig
-    from minift.data import read_preferences, read_sft
-    from minift.flops import Dims, run_flops
-    from minift.losses import REFERENCE_FREE, UNPAIRED
-    from minift.tokenizer import Tokenizer
+    """Wall seconds and FLOPs (minift.study.flops) of each training arm of one seed."""
+    from minift.model.config import ModelConfig
+    from minift.train.data import read_preferences, read_sft
+    from minift.study.flops import Dims, run_flops
+    from minift.train.losses import REFERENCE_FREE, UNPAIRED
+    from minift.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(ckpt_dir)
     mc = ModelConfig.from_hf(Path(ckpt_dir) / "config.json")
@@ -234,7 +234,7 @@ def render_md(cfg, results, arms):
                                 cells = ", ".join(f"{k} {c}/{rj}" for k, (c, rj) in sorted(labs.items()))
                                 L.append(f"  - {task} {fld} (chosen/rejected): {cells}")
                         L += [f"  - **warning**: {w}" for w in p["warnings"]] or ["  - no label imbalance warning"]
-    L += ["", "## Compute", "", "FLOPs by the FLOP model of `minift/flops.py` (bench/README.md); wall seconds as run "
+    L += ["", "## Compute", "", "FLOPs by the FLOP model of `minift/study/flops.py` (bench/README.md); wall seconds as run "
           "on this machine (the training phase: model load, reference pass, steps, the trainer's periodic eval). "
           "Naive DPO: the same DPO steps in the concat layout with full logits and the reference recomputed "
           f"in every step. The paper reports DPO at about {PAPER_RATIO} the compute of SFT. The arms may train for "

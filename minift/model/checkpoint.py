@@ -11,9 +11,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minift.config import ModelConfig
+from minift.model.config import ModelConfig
 from minift.errors import MinifTError
-from minift.model import Transformer, rope_inv_freq
+from minift.model.transformer import Transformer, rope_inv_freq
 
 # HF name -> our name; `{}` is the layer index. This table is the whole translation.
 WEIGHT_MAP = {
@@ -184,10 +184,10 @@ def load_model(ckpt, dtype=None, device="cpu", shell=False) -> Transformer:
 
 def load(ckpt_dir=None, dtype=None, device="cpu", shell=False):
     """(model, tokenizer) from an HF checkpoint dir; None = the embedded SmolLM2-135M-Instruct."""
-    from minift.tokenizer import Tokenizer
+    from minift.model.tokenizer import Tokenizer
 
     if ckpt_dir is None:
-        from minift.fetch import default_checkpoint
+        from minift.model.fetch import default_checkpoint
 
         ckpt_dir = default_checkpoint()
     model = load_model(ckpt_dir, dtype=dtype, device=device, shell=shell)

@@ -1,23 +1,25 @@
 """SimPO, ORPO and KTO runs (train_dpo.py --loss simpo|orpo|kto): the same model, LoRA, data and trainer as DPO,
-with the losses of minift/pref_losses.py.
+with the losses of minift/train/pref_losses.py.
 
 SimPO and ORPO score a pair from the policy alone: no reference model, no reference pass (cached or live), and
 no frozen copy of --adapter. ORPO adds the chosen completion's NLL, so it can start from the base model (no
 --adapter): preference tuning and SFT in one stage. KTO reads unpaired rows (or pairs, each made into one
-desirable and one undesirable row, minift/unpaired.py) and uses the reference strategies of DPO: a cached
+desirable and one undesirable row, minift/train/unpaired.py) and uses the reference strategies of DPO: a cached
 table by default, one row per example holding the reference log-probs of (x, y) and of its KL sequence (x, y').
 """
 from pathlib import Path
 
-from minift import distributed, lora
-from minift.batching import dpo_batch
-from minift.data import read_preferences
-from minift.losses import REFERENCE_FREE, sequence_logps
-from minift.pref_losses import kto_loss_sums, orpo_loss_sums, simpo_loss_sums
-from minift.recipes import attach_lora, ckpt_name, finish, setup, split
-from minift.reference import Reference, key_parts
-from minift.trainer import Trainer, console
-from minift.unpaired import check_labels, kto_batch, read_unpaired, split_unpaired
+from minift.train import distributed
+
+from minift.model import lora
+from minift.train.batching import dpo_batch
+from minift.train.data import read_preferences
+from minift.train.losses import REFERENCE_FREE, sequence_logps
+from minift.train.pref_losses import kto_loss_sums, orpo_loss_sums, simpo_loss_sums
+from minift.train.launch import attach_lora, ckpt_dir, ckpt_name, finish, setup, split
+from minift.train.reference import Reference, key_parts
+from minift.train.trainer import Trainer, console
+from minift.train.unpaired import check_labels, kto_batch, read_unpaired, split_unpaired
 
 
 class RefFreeRecipe:
@@ -69,34 +71,15 @@ class KTORecipe:
         return kto_loss_sums(policy, ref_logps, batch.desirable, **self.loss_args)
 
 
-def _ckpt_dir(cfg):
-    if cfg.ckpt:
-        return Path(cfg.ckpt)
-    from minift.fetch import default_checkpoint
-
-    return default_checkpoint()
-
-
-def _start(cfg, model, keep_reference):
-    """Train --adapter further (with a frozen copy as the reference when one is needed), or a fresh LoRA."""
-    if cfg.adapter:
-        lora.load_adapter(model, cfg.adapter, trainable=True)
-        if keep_reference:
-            lora.add_adapter_copy(model, "default", "reference")
-    else:
-        attach_lora(cfg, model)
-    console.print(lora.lora_summary(model))
-
-
 def run_ref_free(cfg):
     model, tok, device = setup(cfg)
     _, train, held = split(cfg, read_preferences, tok)
-    _start(cfg, model, keep_reference=False)
+    attach_lora(cfg, model)
     console.print(f"{cfg.loss}: no reference model, no reference pass (--ref is not used)")
     args = (dict(beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
             if cfg.loss == "simpo" else dict(orpo_lambda=cfg.orpo_lambda))
     recipe = RefFreeRecipe(cfg.loss, cfg.layout, tok.pad_id, device, **args)
-    wrapped = distributed.wrap(model, _ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
+    wrapped = distributed.wrap(model, ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
     Trainer(cfg, wrapped, recipe, train, held, cfg.out).fit()
     finish(cfg, model, tok, ckpt_name(cfg))
 
@@ -108,9 +91,9 @@ def run_kto(cfg):
         check_labels(train, f"{data} (training part)")
     n_good = sum(e.desirable for e in train)
     console.print(f"kto: {n_good} desirable, {len(train) - n_good} undesirable training examples")
-    _start(cfg, model, keep_reference=True)
-    wrapped = distributed.wrap(model, _ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
-    parts = key_parts(data, _ckpt_dir(cfg), max_length=cfg.max_length, eval_data=cfg.eval_data,
+    attach_lora(cfg, model, keep_reference=True)
+    wrapped = distributed.wrap(model, ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
+    parts = key_parts(data, ckpt_dir(cfg), max_length=cfg.max_length, eval_data=cfg.eval_data,
                       eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any", method="kto")
     reference = Reference(cfg.ref, model, out_dir=cfg.out, key_parts=parts)
     recipe = KTORecipe(reference, cfg.layout, tok.pad_id, device, beta=cfg.beta,

@@ -1,0 +1,1 @@
+"""Evaluation: generation, scoring an evaluation run, comparing two runs."""

@@ -1,0 +1,1 @@
+"""The study: its phases, preference pairs, the FLOP model, the report."""

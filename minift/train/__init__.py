@@ -1,0 +1,1 @@
+"""Training: data, batching, losses, the reference, the loop, the recipes, torchrun."""
