@@ -25,6 +25,8 @@ setup(
         # Peers used only to check our numbers; never imported by the runtime path.
         "test": ["pytest", "transformers", "peft", "trl", "rouge-score", "build",
                  "kernels"],  # Hugging Face's package of that name, installed beside ours (tests/test_package.py)
+        # llama.cpp's Python binding, the runtime that checks GGUF exports (compiles llama.cpp: docs/export.md).
+        "llama": ["llama-cpp-python"],
     },
     entry_points={
         "console_scripts": [
@@ -33,6 +35,7 @@ setup(
             "minift-eval = minift.cli:evaluate",
             "minift-generate = minift.cli:generate",
             "minift-study = minift.cli:study",
+            "minift-export = minift.cli:export",
         ],
     },
 )

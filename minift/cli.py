@@ -41,6 +41,12 @@ def _gguf(argv=None):
     main(argv)
 
 
+def _export(argv=None):
+    from minift.model.export import main
+
+    main(argv)
+
+
 def _study(argv=None):
     from minift.study.run import main
 
@@ -69,3 +75,7 @@ def study(argv=None):
 
 def gguf(argv=None):
     return run_cli(lambda: _gguf(argv))
+
+
+def export(argv=None):
+    return run_cli(lambda: _export(argv))

@@ -124,6 +124,18 @@ def _unpermute(w, n_head, name):
     return np.ascontiguousarray(w).reshape(rows, cols)  # (n_head * head_dim, in)
 
 
+def permute_qk(w, n_head, name):
+    """llama.cpp's q/k row order from Hugging Face's: the inverse of _unpermute (minift/model/export.py writes it).
+
+    Each head's rows go from [x0..x_{d/2-1}, y0..y_{d/2-1}] to [x0, y0, x1, y1, ...]; for k, n_head is the
+    number of key/value heads."""
+    rows, cols = w.shape
+    assert rows % (2 * n_head) == 0, f"{name}: {rows} rows do not split into {n_head} heads of even size"
+    w = w.reshape(n_head, 2, rows // n_head // 2, cols)  # (n_head, 2 = [x, y], head_dim/2, in): halves
+    w = w.swapaxes(1, 2)  # (n_head, head_dim/2, 2, in): interleaved pairs
+    return np.ascontiguousarray(w).reshape(rows, cols)  # (n_head * head_dim, in)
+
+
 def expected_shapes(cfg) -> dict:
     """HF name -> shape (out, in) for every weight the config implies."""
     h, d, f = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
