@@ -88,3 +88,14 @@ def test_the_checker_reads_the_imports():
     assert "minift.model.lora" in g["minift.train.recipes"] or "minift.model.lora" in g["minift.train.launch"]
     assert "minift.kernels" in g["minift.train.losses"]
     assert "minift.train.recipes" in g["minift.cli"]  # inside a function
+
+
+def test_few_modules_at_the_top_and_a_short_readme_with_a_reading_path():
+    assert len(list(PKG.glob("*.py"))) <= 12  # the rest lives in the wings
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 150
+    import re
+
+    reading = (ROOT / "docs" / "reading.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:minift|tests)/[\w/]+\.py)", reading))
+    assert len(named) >= 10, named  # the path names the files it walks through
+    assert not [n for n in named if not (ROOT / n).is_file()], [n for n in named if not (ROOT / n).is_file()]
