@@ -210,7 +210,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tiny):
     finally:
         run.kill()
     assert rc != 0 and "SIGTERM" in out, out[-3000:]
-    step = torch.load(cut / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
     assert 1 <= step < 20, f"the signal must stop the run part-way (checkpoint at step {step} of 20)"
     ok(torchrun("train_sft.py", *common(tiny, "sft", cut), *args, "--resume"))
     assert train_losses(cut) == train_losses(straight)  # bit for bit

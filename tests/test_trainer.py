@@ -105,7 +105,7 @@ def test_resume_after_sigkill_gives_identical_losses(tiny):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed, not finished
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]  # plain tensors and values only
     assert saved % 5 == 0 and 5 <= saved < 30
     assert max(losses(out / "metrics.jsonl")) >= saved  # the steps after the checkpoint are run again on resume
     resumed = cli("train_sft.py", *common, "--out", out, "--resume")
@@ -134,7 +134,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, monkeypatch,
 
     with pytest.raises(MinifTError, match="loss is nan at step 3"):
         trainer.fit()
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tiny):
@@ -149,7 +149,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tiny):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "SIGTERM" in err and "Traceback" not in err
-    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert step == max(losses(out / "metrics.jsonl"))
 
 
@@ -230,3 +230,33 @@ def test_loss_dependent_defaults_resolve_and_yield_to_flags():
     assert pick(["--loss", "orpo"]) == (TrainConfig.lr, TrainConfig.epochs, 0.1)
     assert pick(["--loss", "simpo"]) == (1e-5, 1.0, 2.0)
     assert pick(["--loss", "orpo", "--epochs", "1", "--lr", "5e-5", "--beta", "0.3"]) == (5e-5, 1.0, 0.3)
+
+
+class _RunsCode:
+    """A pickle that would create a file when it is read (what weights_only=False would run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("content", ["crafted", "garbage", "old-format"])
+def test_a_checkpoint_that_is_not_ours_is_refused_and_runs_nothing(tiny, tmp_path, content):
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    out.mkdir()
+    if content == "crafted":
+        torch.save({"step": 1, "params": _RunsCode(marker)}, out / "checkpoint.pt")
+    elif content == "garbage":
+        (out / "checkpoint.pt").write_bytes(os.urandom(512))
+    else:  # the previous format: plain values, but no format mark
+        torch.save({"step": 1, "params": {}, "optimizer": {}}, out / "checkpoint.pt")
+    proc = cli("train_sft.py", "--ckpt", tiny / "ckpt", "--data", tiny / "sft.jsonl", "--max-steps", 2,
+               "--batch-size", 2, "--eval-every", 0, "--no-progress", "--out", out, "--resume")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # (the data summary precedes it)
+    assert len(err) == 1 and "checkpoint.pt" in err[0] and proc.stderr.rstrip().endswith(err[0]), proc.stderr
+    assert "fresh --out" in err[0]  # says how to go on
+    assert not marker.exists()  # the pickled call was never made

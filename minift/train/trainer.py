@@ -58,6 +58,26 @@ def atomic_save(obj, path: Path):
     os.replace(tmp, path)
 
 
+# Everything in a checkpoint is a tensor or a plain container (dicts, lists, tuples of ints and floats: the
+# Python RNG state is one), so it loads with weights_only=True: a file that holds anything else is refused
+# before any of it runs, the reason torch changed its default (a pickle can run code when it is read).
+CHECKPOINT_FORMAT = "minift-checkpoint-2"
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # damaged, or objects other than tensors and plain values: nothing of it is run
+        raise MinifTError(f"{path}: not a minift checkpoint (damaged, or it holds objects other than tensors "
+                          f"and plain values: {type(e).__name__}), refused unread; delete it or start a fresh "
+                          "--out") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise MinifTError(f"{path}: not a checkpoint of this minift version (format "
+                          f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}); "
+                          "delete it to train again from the start, or start a fresh --out")
+    return state
+
+
 class Trainer:
     def __init__(self, cfg, model, recipe, train_examples, eval_examples, out_dir):
         self.cfg, self.model, self.recipe = cfg, model, recipe  # model: DDP / FSDP under torchrun
@@ -91,8 +111,8 @@ class Trainer:
         optimizer = distributed.optimizer_state(self.raw, self.optimizer)
         rng = distributed.all_gather_object(self.rng_state())  # per rank: each draws its own dropout masks
         if self.dist.main:
-            atomic_save({"step": self.step, "params": params, "optimizer": optimizer, **rng[0], "rank_rng": rng},
-                        self.ckpt_path)
+            atomic_save({"format": CHECKPOINT_FORMAT, "step": self.step, "params": params, "optimizer": optimizer,
+                         **rng[0], "rank_rng": rng}, self.ckpt_path)
         distributed.barrier()  # no rank goes on (or exits) before the file is complete
 
     @staticmethod
@@ -104,10 +124,7 @@ class Trainer:
     def load_checkpoint(self):
         if not self.ckpt_path.is_file():
             raise MinifTError(f"{self.ckpt_path}: no checkpoint to resume from")
-        try:
-            state = torch.load(self.ckpt_path, weights_only=False)
-        except Exception as e:  # a damaged file: say which, do not guess
-            raise MinifTError(f"{self.ckpt_path}: cannot read checkpoint ({e})") from None
+        state = read_checkpoint(self.ckpt_path)
         missing = set(self.params) ^ set(state["params"])
         if missing:
             raise MinifTError(f"{self.ckpt_path}: trainable parameters differ from this run's ({sorted(missing)[0]} ...)")
