@@ -67,3 +67,81 @@ def test_checking_for_stops_every_n_tokens_changes_no_output(tiny_llama):
     for every, chunks in calls.items():
         steps = sum(s[1] for s in chunks)
         assert steps == min(12, -(-longest // every) * every), (every, steps, longest)
+
+
+def _reference_greedy(model, prompts, max_new_tokens, stop):
+    """An independent greedy loop: each prompt alone, no cache, no padding, a full forward per step, argmax."""
+    outs = []
+    for p in prompts:
+        ids = list(p)
+        new = []
+        for _ in range(max_new_tokens):
+            t = int(model.lm_head(model(torch.tensor([ids]))[:, -1]).argmax(-1))
+            if t in stop:
+                break
+            new.append(t)
+            ids.append(t)
+        outs.append(new)
+    return outs
+
+
+def _prompts_and_stop(model, tok):
+    """Prompts of different lengths and a stop token that ends some rows early (taken from the reference)."""
+    prompts = [tok.encode(t) for t in ("the answer", "in the end there was", "a", "an other thing here", "ok")]
+    free = _reference_greedy(model, prompts, 12, set())
+    return prompts, free[0][3]
+
+
+@torch.no_grad()
+def test_greedy_matches_a_reference_loop_with_and_without_dropping_rows(tiny_llama):
+    # Left padding, the KV cache and rows leaving the batch once stopped must give the tokens each prompt gives
+    # alone with a plain full forward per step. Token ids are compared exactly: argmax of fp32 logits that
+    # differ by rounding only picks the same token unless two logits tie to ~1e-6, which a random model's
+    # don't.
+    model, tok = load(tiny_llama[0])
+    model.eval()
+    prompts, stop = _prompts_and_stop(model, tok)
+    want = _reference_greedy(model, prompts, 12, {stop})
+    assert any(len(w) < 12 for w in want) and any(len(w) == 12 for w in want)  # some rows stop early
+    for every in (1, 2, 5):
+        for drop in (True, False):
+            got = generate(model, tok, prompts, max_new_tokens=12, stop_ids={stop}, check_every=every,
+                           drop_finished=drop)
+            assert got == want, (every, drop)
+
+
+@torch.no_grad()
+def test_num_samples_groups_k_rows_per_prompt(tiny_llama):
+    model, tok = load(tiny_llama[0])
+    model.eval()
+    prompts, stop = _prompts_and_stop(model, tok)
+    k, B = 3, len(prompts)
+    # temperature 0: all k rows of a group are the greedy answer of their prompt
+    greedy = _reference_greedy(model, prompts, 12, {stop})
+    got = generate(model, tok, prompts, max_new_tokens=12, stop_ids={stop}, num_samples=k)
+    assert got == [g for g in greedy for _ in range(k)]
+    # sampling: one prefill + k copies draws exactly what k copies of each prompt draw (the same uniforms per
+    # row index), whatever rows drop out and however often the loop checks
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7, stop_ids={stop})
+    shared = generate(model, tok, prompts, num_samples=k, **kw)
+    copies = generate(model, tok, [p for p in prompts for _ in range(k)], **kw)
+    assert shared == copies
+    assert generate(model, tok, prompts, num_samples=k, check_every=4, drop_finished=False, **kw) == shared
+    assert generate(model, tok, prompts, num_samples=k, **kw) == shared  # fixed seed: reproducible
+    assert len(shared) == B * k
+    # each sampled row continues its own prompt: with a small nucleus (top_p 0.3), every token of row j must
+    # lie in the nucleus that a full forward of prompt j // k + the row's earlier tokens gives (a row decoded
+    # from another prompt's cache rows would leave it)
+    narrow = generate(model, tok, prompts, num_samples=k, **dict(kw, top_p=0.3))
+    for j, row in enumerate(narrow):
+        ids = list(prompts[j // k])
+        for t in row:
+            p = torch.softmax(model.lm_head(model(torch.tensor([ids]))[0, -1]), -1)
+            before = p[p > p[t]].sum()  # mass of the tokens more likely than t
+            assert before < 0.3 + 1e-4, (j, t)  # 1e-4: fp32 rounding of the cumulative sum
+            ids.append(t)
+    assert generate(model, tok, prompts, num_samples=k, **dict(kw, seed=8)) != shared  # the seed matters
+    for g in range(B):
+        group = shared[g * k:(g + 1) * k]
+        assert all(stop not in row for row in group)
+        assert len({tuple(r) for r in group}) > 1  # k samples of one prompt are not one answer repeated

@@ -72,14 +72,15 @@ def test_on_policy_pairs_with_scripted_samples(tmp_path):
 
     calls = []
 
-    def sample(batch, max_new_tokens, seed):
-        calls.append(seed)
+    def sample(batch, max_new_tokens, seed, k):
+        calls.append((seed, k))
         # even-indexed rows of the set: always right (falls back to the bundled pair); odd: the 2nd sample is
         # wrong
-        return [gold[r["id"]] if rows.index(r) % 2 == 0 or seed % 1000 == 0 and seed < 1000 else wrong(r)
+        return [[gold[r["id"]] if rows.index(r) % 2 == 0 or j == 0 else wrong(r) for j in range(k)]
                 for r in batch]
 
     out, sources = on_policy_pairs(rows, sample, k=3, seed=0)
+    assert calls == [(0, 3)] * 4  # one call per task, all k samples at once
     assert sources == {"on-policy": 4, "bundled": 4}
     from minift.tasks import TASKS
     for r, o in zip(rows, out):
@@ -109,4 +110,4 @@ def test_on_policy_pairs_refuse_a_model_without_answers(tiny_llama):
 def test_on_policy_pairs_need_task_fields():
     row = _pair("classification", "past", "current")  # no gold 'label' field
     with pytest.raises(MinifTError, match="missing 'label'"):
-        on_policy_pairs([row], lambda b, m, s: ["past"] * len(b), k=1)
+        on_policy_pairs([row], lambda b, m, s, k: [["past"] * k] * len(b), k=1)

@@ -13,8 +13,12 @@ from minift.errors import MinifTError
 from minift.model.transformer import KVCache
 
 
-def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
-    """logits (B, V) -> next token ids (B,). temperature 0 = greedy."""
+def sample_next(logits, temperature=0.0, top_p=1.0, generator=None, uniform=None):
+    """logits (B, V) -> next token ids (B,). temperature 0 = greedy.
+
+    Sampling inverts each row's CDF at one uniform number per row: `uniform` (B,), or drawn from `generator`.
+    Handing the uniforms in lets generate() draw one per original row at every step and give each live row its
+    own, so a row's tokens do not depend on which other rows are still in the batch."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -24,24 +28,43 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)  # (not sorted_p[drop] = 0: a boolean index syncs)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        uniform = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    cdf = probs.cumsum(-1)  # (B, V)
+    # The first token whose CDF exceeds u * total mass; a zero-probability token never does (its CDF equals
+    # its predecessor's). The clamp covers u * total rounding up to the total.
+    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _keep_rows(cache, idx):
+    """Keep only the cache rows `idx` (live,) : k, v (n_layers, B, n_kv, S, hd) -> (n_layers, live, ...)."""
+    cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
+    cache.positions = cache.positions.index_select(0, idx)  # (B, S) -> (live, S)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=None,
-             stop_ids=None, on_tokens=None, check_every=None):
-    """prompts: list of token-id lists -> list of the new token ids per prompt (stop token excluded).
+             stop_ids=None, on_tokens=None, check_every=None, num_samples=1, drop_finished=True):
+    """prompts: list of token-id lists -> list of the new token ids per row (stop token excluded); with
+    num_samples=k, B*k rows grouped per prompt (rows b*k .. b*k+k-1 answer prompt b).
 
     Prompts are left-padded to one length; padded keys are masked out and positions count real tokens only,
-    so every row computes what it would compute alone. The decode loop never waits for the device, except
-    every `check_every` tokens (default: 16 on a GPU, 1 on the CPU, where there is no device to wait for):
-    there it asks whether every row has stopped, and calls `on_tokens(new)` with the tokens since the last
-    call, new (B, k). A row that has stopped emits pads until then; they are cut off at the end."""
+    so every row computes what it would compute alone. A prompt's prefill is computed once: its cache rows
+    are then copied k times, and the k*B rows decode as k copies of the prompt would. The decode loop never
+    waits for the device, except every `check_every` tokens (default: 16 on a GPU, 1 on the CPU, where there
+    is no device to wait for): there it asks whether every row has stopped, calls `on_tokens(new)` with the
+    tokens since the last call, new (B*k, n), and (drop_finished) takes rows that have stopped out of the
+    batch, so that later steps compute only live rows. A stopped row emits pads; they are cut off at the end.
+
+    Sampling draws, at every step, one uniform number per row of the full B*k batch (stopped rows included),
+    so a row's tokens depend on the seed and its row index only: not on row dropping, on check_every, or on
+    whether its prompt was given k times or once with num_samples=k."""
     device = model.embed.weight.device
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 16
     stop_list = sorted(tokenizer.stop_ids if stop_ids is None else stop_ids)
-    B, L = len(prompts), max(len(p) for p in prompts)
+    B, L, K = len(prompts), max(len(p) for p in prompts), num_samples
     # The padded batch is built on the host and copied once (not one small copy per prompt).
     ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long)
     valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool)  # which cache slots hold tokens
@@ -59,14 +82,25 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
 
     hidden = model(ids, positions, mask, cache)
     logits = model.lm_head(hidden[:, -1])  # (B, V)
-    out = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)  # (B, max_new)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     pos = positions[:, -1:]  # (B, 1)
+    if K > 1:
+        # One prefill per prompt, then k copies of its rows, each group of k next to each other:
+        # cache k, v (n_layers, B, n_kv, S, hd) -> (n_layers, B*k, n_kv, S, hd); positions (B, S) -> (B*k, S);
+        # valid (B, L + max_new) -> (B*k, ...); logits (B, V) -> (B*k, V); pos (B, 1) -> (B*k, 1).
+        cache.k, cache.v = cache.k.repeat_interleave(K, dim=1), cache.v.repeat_interleave(K, dim=1)
+        cache.positions = cache.positions.repeat_interleave(K, dim=0)
+        valid, logits, pos = (t.repeat_interleave(K, dim=0) for t in (valid, logits, pos))
+    N = B * K
+    out = torch.full((N, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)  # (N, max_new)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)  # per live row
+    live = torch.arange(N, device=device)  # (n_live,): the original row of each live row
     n = reported = 0
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator)  # (B,), stays on the device
+        # One uniform per original row, the live ones picked: the same draws whichever rows are live.
+        uniform = None if temperature <= 0 else torch.rand(N, generator=generator, device=device)[live]
+        nxt = sample_next(logits, temperature, top_p, generator, uniform)  # (n_live,), stays on the device
         nxt = nxt.masked_fill(finished, tokenizer.pad_id)  # a stopped row emits pads
-        out[:, step] = nxt
+        out[live, step] = nxt
         finished |= torch.isin(nxt, stop)
         n = step + 1
         if n == max_new_tokens:
@@ -76,8 +110,16 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
             if on_tokens is not None:
                 on_tokens(out[:, reported:n])
                 reported = n
-            if finished.all():
+            n_done = int(finished.sum())
+            if n_done == finished.numel():
                 break
+            # Drop stopped rows once they are a quarter of the batch (or at the GPU's sparser checks, any): each
+            # drop copies the whole cache, so on the CPU, checking every token, it waits for several to stop.
+            if drop_finished and n_done and (check_every > 1 or 4 * n_done >= finished.numel()):
+                keep = (~finished).nonzero().squeeze(1)  # (n_live',) indices into the current batch
+                _keep_rows(cache, keep)
+                valid, pos, nxt, live = (t.index_select(0, keep) for t in (valid, pos, nxt, live))
+                finished = finished.index_select(0, keep)
         valid[:, L + step] = True
         pos = pos + 1
         hidden = model(nxt[:, None], pos, valid[:, None, :L + step + 1], cache)

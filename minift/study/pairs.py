@@ -116,20 +116,23 @@ def diagnostics_lines(counts: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ on-policy
 def model_sampler(model, tok, temperature: float = 1.0, batch_size: int = 16):
-    """sample(rows, max_new_tokens, seed) -> one sampled answer per row, from `model` at `temperature`."""
+    """sample(rows, max_new_tokens, seed, k) -> k sampled answers per row, from `model` at `temperature`.
+
+    Each batch's prompts are prefilled once and decoded k times (generate(num_samples=k)): k rows per prompt
+    in one batch of batch_size * k rows, which drop out of the batch as they stop."""
     from minift.eval.evaluate import messages
     from minift.eval.generate import generate
 
-    def sample(rows, max_new_tokens, seed):
+    def sample(rows, max_new_tokens, seed, k):
         prompts = [tok.encode_chat(messages(r), add_generation_prompt=True) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
-        texts = [""] * len(rows)
+        texts: list[list[str]] = [[] for _ in rows]
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             outs = generate(model, tok, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed + s)
-            for i, ids in zip(idx, outs):
-                texts[i] = tok.decode(ids, skip_special_tokens=True).strip()
+                            temperature=temperature, seed=seed + s, num_samples=k)
+            for j, ids in enumerate(outs):  # rows grouped per prompt: row j answers prompt idx[j // k]
+                texts[idx[j // k]].append(tok.decode(ids, skip_special_tokens=True).strip())
         return texts
     return sample
 
@@ -137,8 +140,8 @@ def model_sampler(model, tok, temperature: float = 1.0, batch_size: int = 16):
 def on_policy_pairs(rows: list[dict], sample, k: int = 4, seed: int = 0,
                     max_new_tokens: int | None = None) -> tuple[list[dict], dict]:
     """(pairs, {"on-policy": n, "bundled": n}): each row's rejected answer replaced by a wrong sample when one
-    of its K samples (`sample`, see model_sampler) scores wrong; chosen stays the gold. Rows must carry their
-    task's gold fields (the bundled dpo.jsonl rows do)."""
+    of its K samples (`sample(rows, max_new_tokens, seed, k)` -> k texts per row, see model_sampler) scores
+    wrong; chosen stays the gold. Rows must carry their task's gold fields (the bundled dpo.jsonl rows do)."""
     for n, row in enumerate(rows, 1):
         task = TASKS.get(row.get("task"))
         if task is None:
@@ -148,10 +151,12 @@ def on_policy_pairs(rows: list[dict], sample, k: int = 4, seed: int = 0,
     samples: dict[int, list[str]] = {i: [] for i in range(len(rows))}
     for name in dict.fromkeys(r["task"] for r in rows):  # one generation budget per task
         idx = [i for i, r in enumerate(rows) if r["task"] == name]
-        for j in range(k):
-            for i, text in zip(idx, sample([rows[i] for i in idx], max_new_tokens or TASKS[name].max_new_tokens,
-                                          seed + 1000 * j)):
-                samples[i].append(text)
+        got = sample([rows[i] for i in idx], max_new_tokens or TASKS[name].max_new_tokens, seed, k)
+        if len(got) != len(idx) or any(len(texts) != k for texts in got):
+            raise MinifTError(f"on-policy pairs: the sampler gave {[len(t) for t in got]} answers for "
+                              f"{len(idx)} rows, not {k} each")
+        for i, texts in zip(idx, got):
+            samples[i].extend(texts)
     out, sources, parsed = [], {"on-policy": 0, "bundled": 0}, 0
     for i, row in enumerate(rows):
         task = TASKS[row["task"]]

@@ -176,8 +176,12 @@ def write_report(cfg, results, out: Path):
                 results["compute"][f"{model}/{unit}/seed{s}"] = compute(cfg, mres["ckpt"], sres)
     arms = [m.strip() for m in cfg.methods.split(",")]
     md = render_md(cfg, results, arms)
-    (out / "report.md").write_text(md)
-    (out / "report.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    # Each file is written beside itself and renamed into place: a kill mid-write leaves the old report or
+    # none, never half of one (the rerun then writes it whole).
+    for name, text in (("report.json", json.dumps(results, indent=2, default=str) + "\n"), ("report.md", md)):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
     plot(cfg, results, arms, out / "report.png")
     return [out / "report.md", out / "report.json", out / "report.png"]
 

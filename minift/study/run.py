@@ -14,7 +14,6 @@ training phase stopped by Ctrl-C resumes from its checkpoint. Report: OUT/report
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -22,8 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from minift.args import ArgumentParser, number, out_of_range
 from minift.defaults import bundled
 from minift.errors import MinifTError
+from minift.study.flags import check_test_rows, prefixed, read_config
 from minift.study.phases import Phase, Tee, adapter_digest, file_digest, model_digest, resolve_ckpt
 from minift.tasks import TASKS, get_task
 
@@ -201,9 +202,17 @@ def check_inputs(cfg: StudyConfig):
     """Everything that can be checked before the first (slow) phase."""
     if cfg.pairs not in ("bundled", "on-policy"):
         raise MinifTError(f"--pairs must be bundled or on-policy, got {cfg.pairs!r}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise MinifTError(f"--limit must be at least 1, got {cfg.limit}")
-    cfg.seed_list(), cfg.method_list(), cfg.task_list()
+    if not cfg.seed_list():
+        raise MinifTError("--seeds names no seed")
+    cfg.method_list(), cfg.task_list()
+    check_values(cfg)
+    for ckpt in cfg.ckpt:
+        if ckpt is not None:  # (the embedded default is fetched when first used)
+            resolve_ckpt(ckpt)
+    if cfg.test_data:
+        if not Path(cfg.test_data).is_file():
+            raise MinifTError(f"--test-data {cfg.test_data}: file not found")
+        check_test_rows(cfg.test_data)
     for name, _, files in units(cfg):
         for kind, path in files.items():
             for m in cfg.method_list():
@@ -215,6 +224,39 @@ def check_inputs(cfg: StudyConfig):
                     raise MinifTError(f"{p}: file not found")
                 if Path(p).stat().st_size == 0 or not Path(p).read_text(encoding="utf-8").strip():
                     raise MinifTError(f"{p}: no rows (empty file)")
+
+
+def check_values(cfg: StudyConfig):
+    """The study's own settings (from flags or --config), then each arm's training config as it will run."""
+    for name, kind, bounds in (("k", int, dict(ge=1)), ("temperature", float, dict(ge=0)), ("n_boot", int, dict(ge=1)),
+                               ("limit", int, dict(ge=1)), ("max_new_tokens", int, dict(ge=1, le=1_000_000))):
+        value = getattr(cfg, name)
+        if value is None and name in ("limit", "max_new_tokens"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise MinifTError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        problem = out_of_range(value, **bounds)
+        if problem:
+            raise MinifTError(f"{flag} {problem}")
+    for name in ("per_task", "train_first"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise MinifTError(f"--{name.replace('_', '-')} must be true or false, got {getattr(cfg, name)!r}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise MinifTError(f"--out {cfg.out}: is a file, not a folder")
+    arms = [m.name for m in cfg.method_list()]
+    for arm in cfg.train:
+        if arm not in arms:
+            raise MinifTError(f"--{arm}.*: the arm {arm} is not in --methods ({cfg.methods})")
+    for m in cfg.method_list():
+        try:  # built as it will run (placeholder paths: the files are checked on their own)
+            tc = train_config(cfg, m, cfg.seed_list()[0] if cfg.seed_list() else 0, Path("-"), Path(cfg.out), None)
+            tc.data = cfg.train.get(m.name, {}).get("data")
+            tc.check()
+        except MinifTError as e:
+            raise MinifTError(str(e).replace("--", f"--{m.name}.", 1)) from None
+        except (TypeError, ValueError) as e:
+            raise MinifTError(f"--{m.name}.*: {e}") from None
 
 
 def slug(ckpt) -> str:
@@ -291,7 +333,7 @@ def run_study(cfg: StudyConfig) -> dict:
 
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> StudyConfig:
-    ap = argparse.ArgumentParser(prog="python -m minift.study", description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog="python -m minift.study", description=__doc__.split("\n\n")[0],
                                  epilog="Training flags: --ARM.FLAG VALUE for any flag of train_sft.py (ARM sft) "
                                         "or train_dpo.py (ARM dpo), e.g. --dpo.beta 0.2 --sft.epochs 2.")
     ap.add_argument("--ckpt", action="append", default=None,
@@ -301,10 +343,10 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2 (mean and spread in the report)")
     ap.add_argument("--methods", default="sft,dpo", help=f"arms, of {', '.join(METHODS)}")
     ap.add_argument("--pairs", default="bundled", help="bundled (data/*/dpo.jsonl) or on-policy (SFT samples)")
-    ap.add_argument("--k", type=int, default=4, help="on-policy: samples per prompt")
-    ap.add_argument("--temperature", type=float, default=1.0, help="on-policy: sampling temperature")
-    ap.add_argument("--limit", type=int, default=None, help="first N test items per task (default: all)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="evaluation budget (default: each task's)")
+    ap.add_argument("--k", type=number(int, ge=1), default=4, help="on-policy: samples per prompt")
+    ap.add_argument("--temperature", type=number(float, ge=0), default=1.0, help="on-policy: sampling temperature")
+    ap.add_argument("--limit", type=number(int, ge=1), default=None, help="first N test items per task (default: all)")
+    ap.add_argument("--max-new-tokens", type=number(int, ge=1, le=1_000_000), default=None, help="evaluation budget (default: each task's)")
     ap.add_argument("--test-data", default=None, help="test JSONL (rows say their task) instead of the bundled")
     ap.add_argument("--train-first", action="store_true",
                     help="train every arm of a seed before evaluating any; with a second study process on the "
@@ -316,62 +358,17 @@ def parse_args(argv=None) -> StudyConfig:
     args, rest = ap.parse_known_args(argv)
     train: dict = {}
     if args.config:
-        try:
-            conf = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MinifTError(f"--config {args.config}: {e}") from None
+        conf = read_config(args.config, {f.name for f in fields(StudyConfig)} - {"train", "ckpt"}, METHODS)
         for k, v in conf.get("study", {}).items():
-            setattr(args, k.replace("-", "_"), v)
+            if getattr(args, k.replace("-", "_")) == ap.get_default(k.replace("-", "_")):  # flags win
+                setattr(args, k.replace("-", "_"), v)
         train = {arm: dict(v) for arm, v in conf.items() if arm != "study"}
-    for arm, over in _prefixed(rest).items():  # flags win over the config file
+    for arm, over in prefixed(rest, METHODS).items():  # flags win over the config file
         train.setdefault(arm, {}).update(over)
     return StudyConfig(ckpt=args.ckpt or [None], per_task=args.per_task, tasks=args.tasks, seeds=str(args.seeds),
                        methods=args.methods, pairs=args.pairs, k=args.k, temperature=args.temperature,
                        limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data,
                        data_dir=args.data_dir, train_first=args.train_first, out=args.out, train=train)
-
-
-def _prefixed(rest: list[str]) -> dict:
-    """--dpo.beta 0.2 --sft.no-merge ... -> {"dpo": {"beta": 0.2}, ...}, typed by the config's fields."""
-    from minift.train.train_config import DPOConfig, TrainConfig
-
-    out: dict = {}
-    i = 0
-    while i < len(rest):
-        flag = rest[i]
-        if not flag.startswith("--") or "." not in flag:
-            raise MinifTError(f"unknown argument {flag!r} (training flags are --sft.FLAG / --dpo.FLAG)")
-        arm, name = flag[2:].split(".", 1)
-        if "=" in name:
-            name, value = name.split("=", 1)
-            i += 1
-        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            value, i = rest[i + 1], i + 2
-        else:
-            value, i = None, i + 1
-        if arm not in METHODS:
-            raise MinifTError(f"{flag}: unknown arm {arm!r}; known: {', '.join(METHODS)}")
-        cls = TrainConfig if METHODS[arm].kind == "sft" else DPOConfig
-        key = name.replace("-", "_")
-        neg = key.startswith("no_") and key[3:] in {f.name for f in fields(cls)}
-        key = key[3:] if neg else key
-        f = {f.name: f for f in fields(cls)}.get(key)
-        if f is None:
-            raise MinifTError(f"{flag}: {cls.__name__} has no setting {key!r}")
-        out.setdefault(arm, {})[key] = _typed(flag, f, value, neg)
-    return out
-
-
-def _typed(flag, f, value, neg):
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    if kind == "bool":
-        return not neg if value is None else value.lower() in ("1", "true", "yes")
-    if value is None:
-        raise MinifTError(f"{flag} needs a value")
-    try:
-        return {"int": int, "float": float}.get(kind, str)(value)
-    except ValueError:
-        raise MinifTError(f"{flag}: expected {kind}, got {value!r}") from None
 
 
 def main(argv=None):
