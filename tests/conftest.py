@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (model + tokenizer) written to disk like real ones."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,19 @@ def adapted(tiny_llama):
         for path, m in lora.lora_modules(model):
             hf_policy.get_parameter(to_hf_name(path) + ".weight").add_(m.delta("default").double())
     return model, hf_policy, hf_ref
+
+
+CLINICAL = Path(__file__).resolve().parent.parent / "minift" / "datasets" / "clinical"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A few bundled rows of each kind with their prompts cut short (the tiny model's byte tokenizer makes long
+    sequences; the scorer reads the rows' gold fields, not the prompt)."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    for kind, n in (("sft", 8), ("dpo", 8), ("test", 8)):
+        rows = [json.loads(x) for x in (CLINICAL / f"{kind}.jsonl").read_text().splitlines()][:n]
+        for r in rows:
+            r["prompt"][0]["content"] = r["prompt"][0]["content"][:40]
+        (out / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out

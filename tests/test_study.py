@@ -11,19 +11,6 @@ from minift.study.run import METHODS, main, parse_args, train_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A few bundled rows of each kind with their prompts cut short (the tiny model's byte tokenizer makes long
-    sequences; the scorer reads the rows' gold fields, not the prompt)."""
-    out = tmp_path_factory.mktemp("tiny_data")
-    for kind, n in (("sft", 8), ("dpo", 8), ("test", 8)):
-        rows = [json.loads(x) for x in (ROOT / "minift" / "datasets" / "clinical" / f"{kind}.jsonl").read_text().splitlines()][:n]
-        for r in rows:
-            r["prompt"][0]["content"] = r["prompt"][0]["content"][:40]
-        (out / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 def study_args(ckpt, data, out, *extra):
     files = ["--sft.data", str(data / "sft.jsonl"), "--dpo.data", str(data / "dpo.jsonl"),
              "--test-data", str(data / "test.jsonl")] if data else []

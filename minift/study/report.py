@@ -119,11 +119,11 @@ def compute(cfg, ckpt_dir, seed_res):
         steps = list({x["step"]: x for x in rows if "seconds" in x}.values())  # one record per step
         seen = len(steps) * tc["batch_size"] * tc["grad_accum"]
         if r["kind"] == "sft":
-            ex = read_sft(tc["data"], tok, tc["max_length"])
+            ex = read_sft(r["data"], tok, tc["max_length"])  # (this run's path: the folder may have moved)
             lens = [(e.target_mask.index(True), len(e.ids) - e.target_mask.index(True)) for e in ex]
             fl = run_flops(dims, sft=lens, examples_seen=seen)
         else:
-            ex = read_preferences(tc["data"], tok, tc["max_length"])
+            ex = read_preferences(r["data"], tok, tc["max_length"])
             lens = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in ex]
             # simpo / orpo: no reference pass. kto: a cached row per unpaired example (two per pair), and each
             # example's row [prompt | completion | y'] costs about what a pair's row costs

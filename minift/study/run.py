@@ -130,9 +130,20 @@ def train(cfg, method, seed, ckpt_dir, ckpt_arg, data, out, adapter, log) -> Pha
             (run_sft if method.kind == "sft" else run_dpo)(replace(tc, resume=resume))
         ref = [line for line in "".join(tee.text).splitlines() if "reference log-probs: computed" in line]
         ref_s = float(ref[-1].split(" in ")[1].split(" s")[0]) if ref else 0.0
-        return {"reference_seconds": ref_s, "config": asdict(tc)}
+        return {"reference_seconds": ref_s, "config": relative_paths(asdict(tc), Path(cfg.out))}
     phase.state_after = phase.run(fn, resumable=True)
     return phase
+
+
+def relative_paths(config: dict, root: Path) -> dict:
+    """The config as phase.json records it: paths inside the study folder relative to it, so that a study folder
+    that is moved or copied still reads as itself (nothing reads them back to run: the study passes its paths)."""
+    def rel(v):
+        try:
+            return str(Path(v).resolve().relative_to(root.resolve()))
+        except (TypeError, ValueError):
+            return v
+    return {k: rel(v) if k in ("data", "out", "adapter") and v else v for k, v in config.items()}
 
 
 def evaluate(cfg, name, ckpt_dir, ckpt_arg, test, tasks, out, adapter, log) -> dict:
@@ -313,6 +324,7 @@ def run_study(cfg: StudyConfig) -> dict:
                     ph = train(cfg_m, m, seed, ckpt_dir, ckpt, data, s_out / m.name, start, log)
                     adapters[m.name] = s_out / m.name
                     sres[m.name] = {"train_dir": str(s_out / m.name), "eval_dir": str(s_out / f"{m.name}_eval"),
+                                    "data": str(data),
                                     "train_seconds": ph.state_after["seconds"],
                                     "reference_seconds": ph.state_after.get("reference_seconds", 0.0),
                                     "start": m.start, "kind": m.kind,

@@ -142,7 +142,7 @@ class Trainer:
         self.step = state["step"]
         # Keep only the log lines of the steps the checkpoint covers: the steps after it will be run again.
         if self.metrics_path.is_file() and self.dist.main:
-            kept = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
+            kept = [l for l in self.metrics_path.read_text().splitlines() if _step_of(l) <= self.step]
             self.metrics_path.write_text("".join(l + "\n" for l in kept))
         console.print(f"resumed from {self.ckpt_path} at step {self.step}")
 
@@ -253,6 +253,14 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum)  # finish the current step, save, then stop
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a blank line or one cut off by a kill mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_curves(metrics_path: Path, png: Path, keys):
