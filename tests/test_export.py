@@ -1,6 +1,7 @@
 """GGUF export (minift/model/export.py): read back by minift's own reader, by transformers' GGUF loader and,
 when installed, by llama.cpp itself (llama-cpp-python); bad input is one error line and leaves no file."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,31 @@ def test_llama_cpp_runs_the_export(tiny_llama, tmp_path):
     chat = [{"role": "user", "content": "the thin men"}]
     text = tok.apply_chat_template(chat, add_generation_prompt=True)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode_chat(chat, add_generation_prompt=True)
+
+
+@pytest.mark.slow  # a whole (tiny) study with two arms, each exported
+def test_the_study_exports_each_trained_arm(tiny_llama, tiny_data, tmp_path):
+    """--export f32: a GGUF per arm in OUT/.../<arm>_gguf/, equal to the base with that arm's adapter applied
+    as a side branch (an independent path from the merge); a rerun skips the export phases."""
+    from minift.study.run import main
+
+    ckpt, out = tiny_llama[0], tmp_path / "study"
+    argv = ["--ckpt", str(ckpt), "--out", str(out), "--limit", "1", "--max-new-tokens", "2", "--export", "f32",
+            "--sft.data", str(tiny_data / "sft.jsonl"), "--dpo.data", str(tiny_data / "dpo.jsonl"),
+            "--test-data", str(tiny_data / "test.jsonl"), "--sft.max-steps", "2", "--dpo.max-steps", "2",
+            "--sft.eval-every", "0", "--dpo.eval-every", "0", "--sft.batch-size", "2", "--dpo.batch-size", "2"]
+    main(argv)
+    seed = out / ckpt.name / "clinical" / "seed0"
+    for arm in ("sft", "dpo"):
+        gguf = seed / f"{arm}_gguf" / f"{arm}-f32.gguf"
+        model = load_model(ckpt)
+        lora.load_adapter(model, str(seed / arm))
+        model.eval()  # (no LoRA dropout)
+        back = convert_gguf(gguf, tmp_path / f"back_{arm}")
+        assert rel(logits(load_model(back)), logits(model)) < 1e-4  # fp32 sums in another order: ~1e-6
+    report = json.loads((out / "report.json").read_text())
+    arms = report["models"][ckpt.name]["units"]["clinical"]["seeds"]["0"]
+    assert Path(arms["dpo"]["gguf"]).name == "dpo-f32.gguf"
+    main(argv)
+    log = (out / "study.log").read_text().splitlines()
+    assert sum("[skip] dpo gguf" in x for x in log) == 1 and not any("[run] dpo gguf" in x for x in log[-12:])

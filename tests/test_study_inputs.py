@@ -81,6 +81,7 @@ CASES = {
     "config arm not in --methods": (["--config", "{d}/arm_not_run.json"], "simpo"),
     "config arm value": (["--config", "{d}/arm_value.json"], "--dpo.beta"),
     "config not objects": (["--config", "{d}/not_objects.json"], "not_objects.json"),
+    "export type unknown": (["--export", "q3_k"], "--export"),
     "ckpt missing": (["--ckpt", "{d}/no_model"], "no_model"),
     "ckpt not a checkpoint": (["--ckpt", "{d}/data"], "config.json"),
 }

@@ -66,6 +66,7 @@ class StudyConfig:
     data_dir: str | None = None   # laid out like data/: clinical/{sft,dpo}.jsonl, <task>/{sft,dpo,test}.jsonl
     train_first: bool = False     # train every arm of a seed, then evaluate (a second process can evaluate)
     out: str = "runs/study"
+    export: str | None = None     # a GGUF type (q8_0, f16, ...): each trained arm is also written as a GGUF file
     n_boot: int = 10000
     train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
 
@@ -156,6 +157,18 @@ def evaluate(cfg, name, ckpt_dir, ckpt_arg, test, tasks, out, adapter, log) -> d
     parts = {"task": task, "limit": cfg.limit, "test": [file_digest(t) for t in test], "model": model_digest(ckpt_dir),
              "adapter": adapter_digest(adapter) if adapter else None, "max_new_tokens": ec.max_new_tokens}
     return Phase(Path(out), name, parts, log).run(lambda resume: {"summary": run_eval(ec)["tasks"]})
+
+
+def export(cfg, name, ckpt_dir, ckpt_arg, adapter: Path, out: Path, log) -> Path:
+    """The arm as one GGUF file of type cfg.export, its adapter merged (minift/model/export.py), in its own phase
+    OUT/<arm>_gguf/<arm>-<type>.gguf: skipped when the adapter and the type are unchanged."""
+    from minift.model.export import export_gguf
+
+    path = out / f"{name}-{cfg.export}.gguf"
+    parts = {"type": cfg.export, "model": model_digest(ckpt_dir), "adapter": adapter_digest(adapter)}
+    Phase(out, f"{name} gguf", parts, log).run(lambda resume: {"file": path.name, "bytes": export_gguf(
+        ckpt_arg, path, cfg.export, adapter).stat().st_size})
+    return path
 
 
 def make_pairs(cfg, ckpt_dir, ckpt_arg, src: Path, sft_adapter: Path | None, out: Path, seed, log) -> dict:
@@ -250,6 +263,11 @@ def check_values(cfg: StudyConfig):
         problem = out_of_range(value, **bounds)
         if problem:
             raise MinifTError(f"{flag} {problem}")
+    if cfg.export is not None:
+        from minift.model.export import TYPES
+
+        if cfg.export not in TYPES:
+            raise MinifTError(f"--export must be one of {', '.join(TYPES)}, got {cfg.export!r}")
     for name in ("per_task", "train_first"):
         if not isinstance(getattr(cfg, name), bool):
             raise MinifTError(f"--{name.replace('_', '-')} must be true or false, got {getattr(cfg, name)!r}")
@@ -323,8 +341,10 @@ def run_study(cfg: StudyConfig) -> dict:
                                                                        if k != "data"}})
                     ph = train(cfg_m, m, seed, ckpt_dir, ckpt, data, s_out / m.name, start, log)
                     adapters[m.name] = s_out / m.name
+                    gguf = cfg.export and export(cfg, m.name, ckpt_dir, ckpt, s_out / m.name,
+                                                 s_out / f"{m.name}_gguf", log)
                     sres[m.name] = {"train_dir": str(s_out / m.name), "eval_dir": str(s_out / f"{m.name}_eval"),
-                                    "data": str(data),
+                                    "data": str(data), "gguf": gguf and str(gguf),
                                     "train_seconds": ph.state_after["seconds"],
                                     "reference_seconds": ph.state_after.get("reference_seconds", 0.0),
                                     "start": m.start, "kind": m.kind,
@@ -366,6 +386,8 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--data-dir", default=None, help="a folder laid out like data/: clinical/{sft,dpo}.jsonl "
                     "(mixed design), <task>/{sft,dpo,test}.jsonl (default: the bundled data)")
     ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--export", default=None, metavar="TYPE",
+                    help="also write each trained arm as a GGUF file for llama.cpp / Ollama (q8_0, f16, ...)")
     ap.add_argument("--config", default=None, help="JSON file: {\"study\": {...}, \"sft\": {...}, \"dpo\": {...}}")
     args, rest = ap.parse_known_args(argv)
     train: dict = {}
@@ -380,7 +402,8 @@ def parse_args(argv=None) -> StudyConfig:
     return StudyConfig(ckpt=args.ckpt or [None], per_task=args.per_task, tasks=args.tasks, seeds=str(args.seeds),
                        methods=args.methods, pairs=args.pairs, k=args.k, temperature=args.temperature,
                        limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data,
-                       data_dir=args.data_dir, train_first=args.train_first, out=args.out, train=train)
+                       data_dir=args.data_dir, train_first=args.train_first, out=args.out, export=args.export,
+                       train=train)
 
 
 def main(argv=None):
