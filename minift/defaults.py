@@ -14,7 +14,7 @@ DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # written into ada
 
 
 def bundled(task: str, split: str) -> Path:
-    """The bundled file data/<task>/<split>.jsonl (task: clinical or one of the four; split: sft, dpo, test)."""
+    """The bundled file data/<task>/<split>.jsonl (task: clinical or one of the four; split: sft, dpo, val, test)."""
     return DATA_DIR / task / f"{split}.jsonl"
 
 

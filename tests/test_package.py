@@ -116,7 +116,7 @@ def test_wheel_in_a_fresh_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "minift/kernels/__init__.py" in names and "minift/kernels/triton_logprobs.py" in names
     for task in ("clinical", "classification", "reasoning", "summarization", "triage"):
-        for split in ("sft", "dpo", "test"):
+        for split in ("sft", "dpo", "val", "test"):
             assert f"minift/datasets/{task}/{split}.jsonl" in names, (task, split)
     assert not [n for n in names if n.split("/")[0] in ("kernels", "data", "tests", "bench")]  # nothing else top-level
     entry = next(n for n in names if n.endswith("entry_points.txt"))

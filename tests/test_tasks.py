@@ -40,31 +40,33 @@ def test_same_seed_same_bytes_other_seed_other_rows():
 def test_row_shapes_and_sizes(built):
     for name in TASKS:
         s = built[name]
-        assert [len(s[k]) for k in ("sft", "dpo", "test")] == [300, 300, 120]
+        assert [len(s[k]) for k in ("sft", "dpo", "test", "val")] == [300, 300, 120, 120]
         for r in s["sft"]:
             assert r["task"] == name and r["prompt"][0]["role"] == "user"
             assert r["completion"][0]["role"] == "assistant" and r["completion"][0]["content"]
         for r in s["dpo"]:
             assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
             assert r["rejected"][0]["role"] == "assistant"
-        for r in s["test"]:
-            TASKS[name].check_row(r, "test")  # every test row can be scored
-        ids = [r["id"] for k in ("sft", "dpo", "test") for r in s[k]]
+        for r in s["test"] + s["val"]:
+            TASKS[name].check_row(r, "test")  # every test and val row can be scored
+            assert TASKS[name].score(r, r["answer"])["correct"]  # and its gold parses as right
+        ids = [r["id"] for k in ("sft", "dpo", "test", "val") for r in s[k]]
         assert len(ids) == len(set(ids))
     mixed = built["clinical"]
-    assert [len(mixed[k]) for k in ("sft", "dpo", "test")] == [200, 200, 80]
-    assert {r["task"] for r in mixed["test"][:4]} == set(TASKS)  # round-robin mix
+    assert [len(mixed[k]) for k in ("sft", "dpo", "test", "val")] == [200, 200, 80, 120]
+    assert {r["task"] for r in mixed["test"][:4]} == {r["task"] for r in mixed["val"][:4]} == set(TASKS)  # round-robin
 
 
 def test_labels_are_balanced_enough(built):
     # no label may dominate a test set: a constant answer must not score well
-    for name, key in (("classification", "label"), ("reasoning", "label")):
-        counts = {}
-        for r in built[name]["test"]:
-            counts[r[key]] = counts.get(r[key], 0) + 1
-        assert max(counts.values()) / 120 < 0.5, (name, counts)
-    provs = [r["labels"]["provider"] for r in built["triage"]["test"]]
-    assert max(provs.count(p) for p in triage.PROVIDERS) / 120 < 0.4
+    for split in ("test", "val"):
+        for name, key in (("classification", "label"), ("reasoning", "label")):
+            counts = {}
+            for r in built[name][split]:
+                counts[r[key]] = counts.get(r[key], 0) + 1
+            assert max(counts.values()) / 120 < 0.5, (name, split, counts)
+        provs = [r["labels"]["provider"] for r in built["triage"][split]]
+        assert max(provs.count(p) for p in triage.PROVIDERS) / 120 < 0.4, split
 
 
 # ------------------------------------------------------------------------------------- held-out phrasing
@@ -81,7 +83,8 @@ def test_template_pools_are_disjoint(module):
     pools = list(_pools(module))
     assert pools, "no template pools found"
     for p in pools:
-        assert p.train and p.test and not set(p.train) & set(p.test)
+        assert p.train and p.test and p.val
+        assert not set(p.train) & set(p.test) and not set(p.val) & (set(p.train) | set(p.test))
 
 
 CASE_TEXT = {  # the case itself, without the fixed instruction shared by every prompt of a task
@@ -96,17 +99,40 @@ def _sentences(text):
     return {s.strip().lower() for s in re.split(r"[.?!](?:\s+|$)|\n", text) if len(s.split()) >= 5}
 
 
+def _leaks(rows, seen_rows, name):
+    """[(row id, shared sentences)] for rows of `rows` whose case text shares a sentence of five words or more
+    with (or is contained in) a row of `seen_rows`."""
+    seen = [_text(r) for r in seen_rows]
+    blob = "\n\x00".join(seen)
+    sents = set().union(*(_sentences(re.search(CASE_TEXT[name], t, re.S).group(1)) for t in seen))
+    out = []
+    for r in rows:
+        text = _text(r)
+        shared = _sentences(re.search(CASE_TEXT[name], text, re.S).group(1)) & sents
+        if shared or text in blob:
+            out.append((r["id"], shared or {"the whole prompt"}))
+    return out
+
+
 @pytest.mark.parametrize("name", list(TASKS))
 def test_train_and_test_share_no_case_text(built, name):
-    train = [_text(r) for k in ("sft", "dpo") for r in built[name][k]]
-    train_blob = "\n\x00".join(train)
-    train_sents = set().union(*(_sentences(re.search(CASE_TEXT[name], t, re.S).group(1)) for t in train))
-    for r in built[name]["test"]:
-        text = _text(r)
-        assert text not in train_blob  # neither equal to nor contained in any train prompt
-        case = re.search(CASE_TEXT[name], text, re.S).group(1)
-        shared = _sentences(case) & train_sents
-        assert not shared, f"{r['id']}: sentence seen in training: {shared}"
+    train = built[name]["sft"] + built[name]["dpo"]
+    assert not _leaks(built[name]["test"], train, name)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_val_shares_no_sentence_with_train_or_test(built, name):
+    """What the study tunes on is neither what it trains on nor what it is tested on."""
+    val, others = built[name]["val"], built[name]["sft"] + built[name]["dpo"] + built[name]["test"]
+    assert not _leaks(val, others, name)
+    assert not _leaks(built[name]["test"], val, name)
+    # the check can fail: a val row with a training sentence planted in its case text is caught
+    planted = json.loads(json.dumps(val[0]))
+    train_case = re.search(CASE_TEXT[name], _text(built[name]["sft"][0]), re.S).group(1)
+    sentence = max(_sentences(train_case), key=len)
+    case = re.search(CASE_TEXT[name], _text(planted), re.S).group(1)
+    planted["prompt"][0]["content"] = _text(planted).replace(case, sentence + ". " + case)
+    assert [i for i, _ in _leaks([planted], others, name)] == [planted["id"]]
 
 
 # ------------------------------------------------------------------------------------- parsers

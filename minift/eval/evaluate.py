@@ -236,7 +236,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt", default=None, help="HF checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--adapter", default=None, help="LoRA adapter dir (PEFT format)")
     ap.add_argument("--task", default="all", help=f"one of {', '.join(TASKS)}, or all")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="test, val (what the study tunes on), sft or dpo")
     ap.add_argument("--data", default=None, help="JSONL file instead of data/<task>/<split>.jsonl")
     ap.add_argument("--limit", type=number(int, ge=1), default=None, help="first N items of each task")
     ap.add_argument("--batch-size", type=number(int, ge=1), default=16)
@@ -248,7 +248,7 @@ def main(argv=None) -> None:
     if args.task != "all":
         get_task(args.task)  # unknown task: a clear error before anything else
     if "/" in args.split or "\\" in args.split or args.split.startswith("."):
-        raise MinifTError(f"--split {args.split!r}: a split name (test, sft, dpo); use --data for a file")
+        raise MinifTError(f"--split {args.split!r}: a split name (test, val, sft, dpo); use --data for a file")
     cfg = EvalConfig(args.ckpt, args.adapter, args.task, args.split, args.data, args.limit, args.batch_size,
                      args.out, args.max_new_tokens, args.device, args.dtype)
     summary = evaluate(cfg)

@@ -13,21 +13,24 @@ from dataclasses import dataclass, field
 
 from minift.errors import MinifTError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class Pool:
-    """Phrasings of one thing: `train` ones feed sft/dpo rows, `test` ones only test rows."""
+    """Phrasings of one thing: `train` ones feed sft/dpo rows, `val` ones only validation rows (what the study
+    tunes on), `test` ones only test rows. Val and test are both paraphrased away from train, and apart from each
+    other, so that a setting chosen on val meets test sentences it has never seen either."""
     train: tuple
     test: tuple
+    val: tuple
 
     def pick(self, rng: random.Random, split: str):
-        return rng.choice(self.train if split == "train" else self.test)
+        return rng.choice({"train": self.train, "val": self.val, "test": self.test}[split])
 
 
-def pool(train, test) -> Pool:
-    return Pool(tuple(train), tuple(test))
+def pool(train, test, val) -> Pool:
+    return Pool(tuple(train), tuple(test), tuple(val))
 
 
 @dataclass
@@ -118,12 +121,13 @@ class Task:
         """{label field: label} named by an answer (for pair diagnostics); {} for tasks without labels."""
         return {}
 
-    def rows(self, n_sft: int, n_dpo: int, n_test: int, seed: int = 0) -> dict[str, list[dict]]:
-        """sft/dpo rows from train pools, test rows from test pools; no prompt repeats anywhere."""
+    def rows(self, n_sft: int, n_dpo: int, n_test: int, seed: int = 0, n_val: int = 0) -> dict[str, list[dict]]:
+        """sft/dpo rows from train pools, test rows from test pools, val rows from val pools; no prompt repeats
+        anywhere. Each kind draws from its own random stream, so adding val rows changes no other file."""
         seen: set[str] = set()
-        out = {"sft": [], "dpo": [], "test": []}
+        out = {"sft": [], "dpo": [], "test": [], "val": []}
         for kind, n, split, salt in (("sft", n_sft, "train", 1), ("dpo", n_dpo, "train", 2),
-                                     ("test", n_test, "test", 3)):
+                                     ("test", n_test, "test", 3), ("val", n_val, "val", 4)):
             rng = random.Random(f"{self.name}:{seed}:{salt}")  # str seeds hash the same in every process
             balance = Balance() if kind == "dpo" else None
             tries = 0
@@ -145,7 +149,7 @@ class Task:
                     row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
                            "chosen": assistant(case.answer), "rejected": assistant(case.rejected),
                            **case.fields}  # the gold's fields: on-policy pairs score samples with them
-                else:
+                else:  # test and val rows
                     row = {"id": rid, "task": self.name, "prompt": user(case.prompt),
                            "answer": case.answer, **case.fields}
                 out[kind].append(row)

@@ -2,8 +2,8 @@
 
     python -m minift.tasks.build [--out data] [--seed 0]
 
-data/<task>/{sft,dpo,test}.jsonl for each task, and data/clinical/{sft,dpo,test}.jsonl, a smaller mix
-of the four tasks that the trainers use by default.
+data/<task>/{sft,dpo,val,test}.jsonl for each task, and data/clinical/{sft,dpo,val,test}.jsonl, a smaller
+mix of the four tasks that the trainers use by default. val is what the study chooses its settings on.
 """
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import os
 
 from minift.tasks import TASKS
 
-SIZES = {"sft": 300, "dpo": 300, "test": 120}          # per task
-MIXED = {"sft": 50, "dpo": 50, "test": 20}             # per task in data/clinical (x4 tasks)
+SIZES = {"sft": 300, "dpo": 300, "test": 120, "val": 120}   # per task
+MIXED = {"sft": 50, "dpo": 50, "test": 20, "val": 30}       # per task in data/clinical (x4 tasks)
 
 
 def build(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     """{set name: {"sft"|"dpo"|"test": rows}} for the four tasks and the clinical mix."""
-    out = {name: task.rows(SIZES["sft"], SIZES["dpo"], SIZES["test"], seed) for name, task in TASKS.items()}
+    out = {name: task.rows(SIZES["sft"], SIZES["dpo"], SIZES["test"], seed, SIZES["val"])
+           for name, task in TASKS.items()}
     mixed = {}
     for kind, n in MIXED.items():
         # round-robin over tasks so that any prefix of the file holds all four tasks

@@ -24,18 +24,24 @@ STATUS = {
          "Presents today with symptoms of {c}.", "Problem list: {c} (active).", "Still symptomatic from {c}.",
          "Being managed for {c} at present.", "Complains of worsening {c} this week."],
         ["{c} is currently active and under treatment.", "Reports ongoing symptoms of {c} this month.",
-         "Active diagnosis: {c}, on therapy.", "Treatment for {c} continues; not yet controlled."]),
+         "Active diagnosis: {c}, on therapy.", "Treatment for {c} continues; not yet controlled."],
+        ["Symptoms of {c} persist and therapy is ongoing.", "Today's problem remains active {c}.",
+         "Under current care for {c}, still flaring.", "{c} present at this visit, medication adjusted."]),
     "past": pool(
         ["History of {c}, resolved.", "Had {c} in {y}, none since.", "{c} treated in {y}, now resolved.",
          "Remote history of {c}.", "Problem list: {c} (resolved {y}).", "Recovered from {c} in {y}.",
          "Prior {c}, no episodes for years."],
         ["{c} was diagnosed years ago and has since cleared.", "One episode of {c} back in {y}; nothing current.",
-         "Past medical history notable for {c}, no longer active.", "{c} fully resolved after treatment in {y}."]),
+         "Past medical history notable for {c}, no longer active.", "{c} fully resolved after treatment in {y}."],
+        ["{c} in {y}, completely better since then.", "Former diagnosis of {c}, quiet for a long time.",
+         "Was treated for {c} in {y} and has been well since.", "Resolved {c}; last episode in {y}."]),
     "absent": pool(
         ["Denies {c}.", "No history of {c}.", "{r} has {c}.", "Negative for {c}.", "Screened for {c}: negative.",
          "Never had {c}.", "Family history of {c} in {r_low}."],
         ["Has never been diagnosed with {c}.", "Family history: {r_low} with {c}.",
-         "Patient reports no prior {c}.", "{c} was considered and excluded on workup."]),
+         "Patient reports no prior {c}.", "{c} was considered and excluded on workup."],
+        ["{c} has never been part of the history.", "{r} was treated for {c}; the patient was not.",
+         "Testing for {c} came back negative.", "Says there has never been any {c}."]),
 }
 RELATIVES = ("Mother", "Father", "Sister", "Brother", "Grandmother", "Son")
 
@@ -43,14 +49,18 @@ OPENERS = pool(
     ["{age}-year-old {sex} seen for {reason}.", "{age}yo {sex}, visit for {reason}.",
      "Clinic note: {age}-year-old {sex} here for {reason}.", "{sex_cap}, {age}, presents for {reason}."],
     ["Patient is a {sex} aged {age} who came in for {reason}.", "Visit reason: {reason}. {age}-year-old {sex}.",
-     "Follow-up of a {age}-year-old {sex}; today's concern is {reason}."])
+     "Follow-up of a {age}-year-old {sex}; today's concern is {reason}."],
+    ["Seen today: {sex}, {age} years, because of {reason}.", "This {age}-year-old {sex} came to clinic about {reason}.",
+     "Encounter for {reason} in a {sex} of {age}."])
 REASONS = ("knee pain", "an annual exam", "a cough", "medication review", "back pain", "fatigue", "a rash",
            "a blood pressure check", "dizziness", "a sore throat")
 FILLERS = pool(
     ["Vitals stable.", "Lives alone, walks daily.", "Takes lisinopril.", "Allergic to penicillin.",
      "Nonsmoker.", "BP 132/84."],
     ["Vital signs within normal limits.", "Works as a teacher.", "Medications reviewed, no changes.",
-     "No known drug allergies."])
+     "No known drug allergies."],
+    ["Blood pressure and pulse unremarkable today.", "Drinks alcohol only socially.", "Up to date on vaccines.",
+     "Exercises three times a week."])
 
 PROMPT = ("Classify {c} in this note. Rule: current = the patient has it now; past = had it before but it "
           "resolved; absent = denied, never had it, only a relative has it, or not mentioned.\n\n"

@@ -27,16 +27,21 @@ FRAMES = pool(
      "A {age}-year-old {sex} with {hx} reports {sx}. Findings include {signs}."],
     ["You are asked to see a {sex} aged {age} whose main complaints are {sx}. The history is notable for "
      "{hx}, and the workup reveals {signs}.",
-     "{Sex}, {age} years old. Complaints: {sx}. Background: {hx}. Clinical findings: {signs}."])
+     "{Sex}, {age} years old. Complaints: {sx}. Background: {hx}. Clinical findings: {signs}."],
+    ["A {sex} of {age} is evaluated for {sx}. Past history: {hx}. The physical exam is remarkable for {signs}.",
+     "Case: {age}-year-old {sex}; symptoms are {sx}, the background includes {hx}, and testing shows {signs}."])
 
 STEMS = {
     "name": pool(["Which of the following is the most likely diagnosis?", "What is the most likely diagnosis?"],
-                 ["Which diagnosis best explains these findings?"]),
+                 ["Which diagnosis best explains these findings?"],
+                 ["Which condition is this patient most likely to have?"]),
     "test": pool(["Which test is most appropriate to confirm the diagnosis?",
                   "What is the best next step to establish the diagnosis?"],
-                 ["Which investigation would best confirm the suspected condition?"]),
+                 ["Which investigation would best confirm the suspected condition?"],
+                 ["Which study should be ordered to prove the diagnosis?"]),
     "tx": pool(["What is the most appropriate treatment?", "Which is the best initial management?"],
-               ["Which therapy is most appropriate for this patient?"]),
+               ["Which therapy is most appropriate for this patient?"],
+               ["How should this patient be treated first?"]),
 }
 
 

@@ -41,14 +41,19 @@ MESSAGES = {
          "I forgot my {drug} dose yesterday. Do I double up today or just continue?"],
         ["Could my {drug} prescription be renewed? No rush, I still have two weeks of pills.",
          "Does {drug} interact with {otc}? Planning to start it next month.",
-         "What's the best time of day to take {drug} so it works properly?"]),
+         "What's the best time of day to take {drug} so it works properly?"],
+        ["Please send a new {drug} prescription when convenient, I have enough for ten days.",
+         "Can {otc} be taken together with my {drug}?",
+         "Is it better to take {drug} with food or on an empty stomach?"]),
     ("pharmacist", "urgent"): pool(
         ["I'm completely out of my {critical} today and the pharmacy says the refill needs approval.",
          "The pharmacy gave me a different pill than my usual {drug} and I already took one this morning.",
          "I accidentally took a double dose of my {critical} an hour ago. What should I do?",
          "My {critical} refill was rejected and I take my next dose tonight."],
         ["My last dose of {critical} is tonight and the refill was denied. I can't go without it.",
-         "I think I swallowed someone else's tablets instead of my {drug} an hour ago. Is that dangerous?"]),
+         "I think I swallowed someone else's tablets instead of my {drug} an hour ago. Is that dangerous?"],
+        ["I ran out of {critical} this morning and the pharmacy cannot fill it without your approval.",
+         "By mistake I took twice my usual {critical} dose a short while ago. Please advise."]),
     ("nurse", "routine"): pool(
         ["How often should I change the dressing on my {site} incision?",
          "When can I shower after my {proc}?",
@@ -57,7 +62,10 @@ MESSAGES = {
          "My home blood pressure readings this week were around 128/80. Is that fine?"],
         ["Can I go swimming yet, or is it too soon after my {proc} last month?",
          "What should I eat the day before my {proc} next month?",
-         "Mild soreness at the injection site since {day}, is that expected?"]),
+         "Mild soreness at the injection site since {day}, is that expected?"],
+        ["How long should I keep the bandage on after my {proc}?",
+         "Is some itching around my {site} scar normal while it heals?",
+         "When is it safe to lift groceries again after my {proc}?"]),
     ("nurse", "urgent"): pool(
         ["My {site} incision is red, hot and leaking pus, and my temperature is {temp}.",
          "Since my {proc} yesterday I have bleeding that soaks through the bandage every hour.",
@@ -65,7 +73,10 @@ MESSAGES = {
          "I'm having chest pain and trouble breathing right now."],
         ["The wound from my {proc} opened up today and keeps bleeding.",
          "I feel very short of breath this morning and my lips look bluish.",
-         "Fever of {temp} tonight, shaking chills, two days after my {proc}."]),
+         "Fever of {temp} tonight, shaking chills, two days after my {proc}."],
+        ["My {site} wound is swollen and draining yellow fluid, and I measured {temp} just now.",
+         "I suddenly cannot catch my breath and my chest feels tight right now.",
+         "My daughter has had {temp} since {day} and will not drink anything."]),
     ("physician", "routine"): pool(
         ["I saw my {test} results in the portal. Can Dr. {doc} explain what they mean?",
          "Could Dr. {doc} write a letter for my employer about my {cond}?",
@@ -74,31 +85,42 @@ MESSAGES = {
          "Can we discuss other treatment options for my {cond} at some point?"],
         ["My {test} came back slightly outside the range; does Dr. {doc} think I need treatment?",
          "Would Dr. {doc} consider surgery an option for my {cond}? Happy to wait for a reply.",
-         "Wondering if my {cond} plan should change before my next yearly visit."]),
+         "Wondering if my {cond} plan should change before my next yearly visit."],
+        ["Could Dr. {doc} go over my {test} with me at my next visit?",
+         "I would like to see a {spec} about my {cond} when there is time.",
+         "Is there a newer medicine Dr. {doc} would suggest for my {cond}? No hurry."]),
     ("physician", "urgent"): pool(
         ["The lab called about a {crit} and told me to contact Dr. {doc} today.",
          "My CT report says there may be a blood clot in my lung. What should I do now?",
          "The portal flagged my {test} as critical. Do I need to change anything today?",
          "My biopsy report says malignant and my surgery planning meeting is tomorrow."],
         ["Critical result just posted: {crit}. Should I stop any of my medicines today?",
-         "Scan report mentions a possible bleed. Do I need to be seen right away?"]),
+         "Scan report mentions a possible bleed. Do I need to be seen right away?"],
+        ["I was told my {crit} is dangerous and that Dr. {doc} must call me back today.",
+         "My scan shows a possible clot in my leg and my calf is swelling. What now?"]),
     ("scheduling", "routine"): pool(
         ["Can I move my appointment on {day} to the afternoon?",
          "I need to book my annual physical sometime next month.",
          "Please cancel my {spec} appointment on {day}, I'll reschedule later.",
          "Are there any video visits with Dr. {doc} in the next few months?"],
         ["Could you find me a later slot than {day} morning for my check-up in the spring?",
-         "I'd like to set up a new-patient visit for my husband whenever there is space."]),
+         "I'd like to set up a new-patient visit for my husband whenever there is space."],
+        ["Is there an opening with Dr. {doc} sometime next season for a routine visit?",
+         "Please push my {spec} visit on {day} back by a couple of weeks."]),
     ("scheduling", "urgent"): pool(
         ["My pre-op appointment is tomorrow morning but my ride cancelled. Can I come in the afternoon?",
          "My surgery is on {day} and the required pre-op visit still isn't booked.",
          "Dr. {doc} said I must be seen within 48 hours for a wound check but there are no openings."],
         ["The ER told me to get a follow-up today, but the online scheduler shows nothing.",
-         "My procedure is tomorrow and I just realized the pre-op visit was never scheduled."]),
+         "My procedure is tomorrow and I just realized the pre-op visit was never scheduled."],
+        ["I was discharged yesterday and must be seen within a day, but nothing is available.",
+         "Surgery is set for {day} and nobody has booked the required pre-op check."]),
 }
 GREET = pool(["Hi,", "Hello,", "", "Good morning,", "Hi Dr. {doc}'s office,"],
-             ["Dear care team,", "Hey there,", "To whom it may concern,"])
-SIGN = pool(["Thanks.", "", "Thank you!", "Thanks, {name}"], ["Best regards.", "Appreciate it, {name}"])
+             ["Dear care team,", "Hey there,", "To whom it may concern,"],
+             ["Good afternoon,", "Hello team,"])
+SIGN = pool(["Thanks.", "", "Thank you!", "Thanks, {name}"], ["Best regards.", "Appreciate it, {name}"],
+            ["Many thanks.", "Kind regards, {name}"])
 NAMES = ("Maria", "James", "Li", "Fatima", "Tom", "Grace", "Ahmed", "Rosa")
 
 PROMPT = ("Route this patient portal message.\nProviders: physician (results, diagnoses, treatment decisions), "
