@@ -57,6 +57,8 @@ CASES = {
     "seeds not numbers": (["--seeds", "a,b"], "--seeds"),
     "seeds empty": (["--seeds", ","], "--seeds"),
     "unknown method": (["--methods", "sft,ppo"], "ppo"),
+    "control arm without dpo": (["--methods", "sft,sft-more"], "sft-more"),
+    "control arm before dpo": (["--methods", "sft,sft-more,dpo"], "sft-more"),
     "unknown task": (["--tasks", "radiology"], "radiology"),
     "unknown pairs": (["--pairs", "magic"], "--pairs"),
     "dpo.beta nan": (["--dpo.beta", "nan"], "--dpo.beta"),

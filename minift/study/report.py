@@ -15,6 +15,7 @@ import numpy as np
 
 from minift.tasks import stats
 from minift.eval.compare import compare, read_run
+from minift.study.diagnostics import DISPLACED, MIN_GAIN, arm_diagnostics
 
 # The metric each task is judged by. Summarization: key-fact recall, because the study's clinicians graded
 # whether a summary keeps what matters (diagnosis, new medication, follow-up); ROUGE-L rewards the reference's
@@ -137,6 +138,13 @@ def compute(cfg, ckpt_dir, seed_res):
 
 
 # --------------------------------------------------------------------------------------------- the report
+def comparisons(arms):
+    """[(arm, what it is tested against)]: SFT against the base, every other arm against SFT, and DPO against the
+    compute-matched control when both ran (a DPO gain that the control also shows is a gain of more training)."""
+    pairs = [(a, "base" if a == "sft" else "sft") for a in arms]
+    return pairs + ([("dpo", "sft-more")] if "dpo" in arms and "sft-more" in arms else [])
+
+
 def build_tables(cfg, results):
     arms = [m.strip() for m in cfg.methods.split(",")]
     table, flags = [], []
@@ -150,11 +158,10 @@ def build_tables(cfg, results):
                            "primary": metric == PRIMARY[task], "base": summary_metric(base, task, metric)}
                     for arm in arms:
                         row[arm] = [summary_metric(ures["seeds"][s][arm]["eval_dir"], task, metric) for s in seeds]
-                        against = base if arm == "sft" else None
-                        ref_name = "base" if arm == "sft" else "sft"
+                    for arm, ref_name in comparisons(arms):
                         per_seed = []
                         for s in seeds:
-                            a = against or ures["seeds"][s][ref_name]["eval_dir"]
+                            a = base if ref_name == "base" else ures["seeds"][s][ref_name]["eval_dir"]
                             per_seed.append(tests(a, ures["seeds"][s][arm]["eval_dir"], cfg.n_boot)[(task, metric)])
                         row[f"{arm}_vs_{ref_name}"] = per_seed
                     table.append(row)
@@ -169,11 +176,15 @@ def build_tables(cfg, results):
 def write_report(cfg, results, out: Path):
     table, flags = build_tables(cfg, results)
     results["table"], results["collapse"] = table, flags
-    results["compute"] = {}
+    results["compute"], results["diagnostics"] = {}, {}
     for model, mres in results["models"].items():
         for unit, ures in mres["units"].items():
             for s, sres in ures["seeds"].items():
                 results["compute"][f"{model}/{unit}/seed{s}"] = compute(cfg, mres["ckpt"], sres)
+                results["diagnostics"][f"{model}/{unit}/seed{s}"] = {
+                    arm: arm_diagnostics(json.loads((Path(r["train_dir"]) / "phase.json").read_text())["config"],
+                                         r["train_dir"], r["eval_dir"], sres.get("sft", {}).get("eval_dir"))
+                    for arm, r in sres.items() if r["kind"] == "pref"}
     arms = [m.strip() for m in cfg.methods.split(",")]
     md = render_md(cfg, results, arms)
     # Each file is written beside itself and renamed into place: a kill mid-write leaves the old report or
@@ -204,21 +215,32 @@ def render_md(cfg, results, arms):
     for model in results["models"]:
         L += ["", f"## {model}", ""]
         head = ["task", "metric", "base"] + [a.upper() if a in ("sft", "dpo") else a for a in arms]
-        head += [f"{a.upper()} - {'base' if a == 'sft' else 'SFT'} [95% CI], p" for a in arms]
+        head += [f"{a.upper() if a in ('sft', 'dpo') else a} - {r if r in ('base', 'sft-more') else r.upper()} [95% CI], p"
+                 for a, r in comparisons(arms)]
         L.append("| " + " | ".join(head) + " |")
         L.append("|" + "---|" * len(head))
         for row in (r for r in results["table"] if r["model"] == model):
             metric = f"**{row['metric']}**" if row["primary"] else row["metric"]
             task = row["task"] if cfg.per_task or row["unit"] == "clinical" else f"{row['unit']}/{row['task']}"
             cells = [task, metric, f"{row['base']:.3f}"] + [fmt_mean(row[a]) for a in arms]
-            for a in arms:
-                res = row[f"{a}_vs_{'base' if a == 'sft' else 'sft'}"]
+            for a, r in comparisons(arms):
+                res = row[f"{a}_vs_{r}"]
                 d = [r["diff"] for r in res]
                 ps = ", ".join(fmt_p(r["p_value"]) for r in res)
                 ci = f" [{res[0]['ci_low']:+.3f}, {res[0]['ci_high']:+.3f}]" if len(res) == 1 else ""
                 sd = f" ± {np.std(d, ddof=1):.3f}" if len(d) > 1 else ""
                 cells.append(f"{np.mean(d):+.3f}{sd}{ci}, p{'' if ps.startswith('<') else '='}{ps}")
             L.append("| " + " | ".join(cells) + " |")
+    L += ["", "## What each preference arm did", "",
+          "On the arm's held-out pairs (the eval split its trainer keeps out): the margin between the chosen and the "
+          "rejected answers' log-ratios to the reference (TRL's rewards/margins / beta, nats) at step 0 and at the "
+          "end, the reward accuracy, and the chosen and rejected answers' log-prob change from the reference at the "
+          "end (both falling is likelihood displacement); then the share of test answers that differ from SFT's. "
+          f"Verdict: trained when the margin grew by >= {MIN_GAIN:g} nat, displacement when the chosen answers also "
+          f"lost more than {DISPLACED:g} nat (minift/study/diagnostics.py).", ""]
+    L += [f"- {run} {arm}: {d['verdict']}" + (f" (reward accuracy {d['accuracy_start']:.2f} -> {d['accuracy_end']:.2f})"
+                                               if d.get("accuracy_end") is not None else "")
+          for run, arms_d in results["diagnostics"].items() for arm, d in arms_d.items()] or ["- no preference arm."]
     L += ["", "## Collapse check", ""]
     L.append(f"A run is flagged when one answer is more than {COLLAPSE:.0%} of a task's predictions "
              "(and not of the gold labels).")

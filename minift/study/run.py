@@ -37,6 +37,7 @@ class Method:
     start: str          # "base" or the name of another arm whose adapter it continues
     kind: str           # "sft" (TrainConfig, sft.jsonl) or "pref" (DPOConfig, the study's pairs)
     fixed: dict = field(default_factory=dict)  # e.g. {"loss": "simpo"}: an arm is DPO with another loss
+    matches: str = ""   # a control arm: trains for as many FLOPs as this arm spent (steps set by the FLOP model)
 
 
 # A new preference method is one line: {"simpo": Method("simpo", "sft", "pref", {"loss": "simpo"})}, or a run
@@ -44,7 +45,10 @@ class Method:
 METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref"),
            "simpo": Method("simpo", "sft", "pref", {"loss": "simpo"}),  # no reference model
            "orpo": Method("orpo", "base", "pref", {"loss": "orpo"}),  # no reference model and no SFT stage
-           "kto": Method("kto", "sft", "pref", {"loss": "kto"})}  # the pairs as desirable / undesirable rows
+           "kto": Method("kto", "sft", "pref", {"loss": "kto"}),  # the pairs as desirable / undesirable rows
+           # The compute-matched control: SFT continued from the SFT adapter on the SFT data for the FLOPs the DPO
+           # arm spent (reference pass included), so that a DPO gain can be told from a gain of more training.
+           "sft-more": Method("sft-more", "sft", "sft", matches="dpo")}
 
 
 PER_TASK_DPO_SFT_WEIGHT = 1.0  # the per-task design's DPO adds the chosen answers' NLL (TRL's rpo_alpha)
@@ -81,10 +85,12 @@ class StudyConfig:
         for m in names:
             if m not in METHODS:
                 raise MinifTError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-        for m in names:
-            start = METHODS[m].start
+        for i, m in enumerate(names):
+            start, match = METHODS[m].start, METHODS[m].matches
             if start != "base" and start not in names:
                 raise MinifTError(f"--methods: {m} starts from {start}; add {start} to --methods")
+            if match and match not in names[:i]:
+                raise MinifTError(f"--methods: {m} trains for {match}'s FLOPs; put {match} before it")
         return [METHODS[m] for m in names]
 
     def task_list(self):
@@ -169,6 +175,20 @@ def export(cfg, name, ckpt_dir, ckpt_arg, adapter: Path, out: Path, log) -> Path
     Phase(out, f"{name} gguf", parts, log).run(lambda resume: {"file": path.name, "bytes": export_gguf(
         ckpt_arg, path, cfg.export, adapter).stat().st_size})
     return path
+
+
+def matched_steps(cfg, method, ckpt_dir, sres, data, log) -> int:
+    """Steps for `method` to spend the FLOPs that the arm it matches spent, by the FLOP model (minift/study/flops.py),
+    at the mean cost of an example of its own data; at least one."""
+    from minift.study.report import compute
+
+    probe = train_config(cfg, method, 0, data, Path("-"), None)
+    target = compute(cfg, ckpt_dir, {method.matches: sres[method.matches]})[method.matches]
+    mine = compute(cfg, ckpt_dir, {"sft": {**sres["sft"], "data": str(data)}})["sft"]
+    per_example = mine["train"] / mine["examples_seen"]
+    steps = max(1, round((target["train"] + target["reference"]) / per_example / (probe.batch_size * probe.grad_accum)))
+    log(f"  {method.name}: {steps} steps for {method.matches}'s {target['train'] + target['reference']:.3g} FLOPs")
+    return steps
 
 
 def make_pairs(cfg, ckpt_dir, ckpt_arg, src: Path, sft_adapter: Path | None, out: Path, seed, log) -> dict:
@@ -288,6 +308,13 @@ def check_values(cfg: StudyConfig):
             raise MinifTError(f"--{m.name}.*: {e}") from None
 
 
+def data_override(cfg: StudyConfig, m: Method) -> str | None:
+    """--ARM.data, else that of the arm it continues when both train on the same kind of data (sft-more: SFT's)."""
+    own = cfg.train.get(m.name, {}).get("data")
+    start = METHODS.get(m.start)
+    return own or (data_override(cfg, start) if start is not None and start.kind == m.kind else None)
+
+
 def slug(ckpt) -> str:
     return "default" if ckpt is None else Path(ckpt).resolve().name
 
@@ -330,15 +357,16 @@ def run_study(cfg: StudyConfig) -> dict:
                         sres[name]["eval_seconds"] = ev["seconds"]
                 for m in methods:
                     start = adapters[m.start]
-                    data = Path(cfg.train.get(m.name, {}).get("data") or files[m.kind])
+                    data = Path(data_override(cfg, m) or files[m.kind])
                     pairs = None
                     if m.kind == "pref":
                         src = data
                         pairs = make_pairs(cfg, ckpt_dir, ckpt, src, adapters.get("sft"), s_out / "pairs", seed, log)
                         data = s_out / "pairs" / "pairs.jsonl"
-                    cfg_m = replace(cfg, train={**cfg.train, m.name: {k: v for k, v in
-                                                                       cfg.train.get(m.name, {}).items()
-                                                                       if k != "data"}})
+                    over = {k: v for k, v in cfg.train.get(m.name, {}).items() if k != "data"}
+                    if m.matches:
+                        over["max_steps"] = matched_steps(cfg, m, ckpt_dir, sres, data, log)
+                    cfg_m = replace(cfg, train={**cfg.train, m.name: over})
                     ph = train(cfg_m, m, seed, ckpt_dir, ckpt, data, s_out / m.name, start, log)
                     adapters[m.name] = s_out / m.name
                     gguf = cfg.export and export(cfg, m.name, ckpt_dir, ckpt, s_out / m.name,

@@ -48,7 +48,7 @@ def split(cfg, reader, tok, splitter=split_eval):
 
 def attach_lora(cfg, model, keep_reference=False):
     """Train --adapter further (with a frozen copy as the reference when the loss needs one), or a fresh LoRA."""
-    if getattr(cfg, "adapter", None):  # preference configs only: SFT starts from the base
+    if cfg.adapter:  # (SFT continued, or a preference run from the SFT adapter)
         lora.load_adapter(model, cfg.adapter, trainable=True)
         if keep_reference:
             lora.add_adapter_copy(model, "default", "reference")

@@ -51,6 +51,8 @@ class TrainConfig:
     seed: int = opt(0, "seed for LoRA init, data order and eval split", ge=0, lt=2**32)
     resume: bool = opt(False, "continue from OUT/checkpoint.pt")
     merge: bool = opt(False, "also write OUT/merged/, an HF checkpoint dir with the adapter merged")
+    adapter: str = opt(None, "start from this LoRA adapter dir (PEFT format) and train it further, e.g. the SFT "
+                       "run's output (default: a fresh LoRA)")
     eval_fraction: float = opt(0.1, "fraction of --data held out for eval when --eval-data is not given", ge=0, lt=1)
     eval_every: int = opt(10, "evaluate every N steps (0: never)", ge=0)
     save_every: int = opt(10, "checkpoint every N steps (0: only at the end)", ge=0)
@@ -82,6 +84,8 @@ class TrainConfig:
             raise MinifTError(f"--ckpt {self.ckpt}: {what}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise MinifTError(f"--out {self.out}: is a file; the output must be a directory")
+        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise MinifTError(f"--adapter {self.adapter}: no adapter_config.json there")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise MinifTError(f"--device must be cpu, cuda or auto, got {self.device!r}")
         if self.merge and self.parallel == "fsdp":  # the base weights are sharded over the ranks
@@ -115,7 +119,6 @@ class DPOConfig(TrainConfig):
     orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL (TRL's beta)", ge=0)
     desirable_weight: float = opt(1.0, "kto: weight of the desirable examples' losses", ge=0)
     undesirable_weight: float = opt(1.0, "kto: weight of the undesirable examples' losses", ge=0)
-    adapter: str = opt(None, "start from this LoRA adapter dir (PEFT format), e.g. the SFT run's output")
     ref: str = opt(STRATEGIES[0], "reference log-probs: cached (one no-grad pass before training, from the --adapter "
                    "copy when given, else the base; reused by later runs on the same data), or computed in every "
                    "step from adapters-off (the base) or adapter (a frozen copy of --adapter)", choices=STRATEGIES)
@@ -135,8 +138,6 @@ class DPOConfig(TrainConfig):
 
     def check(self):
         super().check()
-        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
-            raise MinifTError(f"--adapter {self.adapter}: no adapter_config.json there")
         if self.ref == "adapter" and self.adapter is None:
             raise MinifTError("--ref adapter needs --adapter DIR (the adapter to use as the reference)")
         return self
