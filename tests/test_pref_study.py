@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from minift.study.run import METHODS, main
+from minift.study.config import METHODS
+from minift.study.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("simpo", "orpo", "kto")

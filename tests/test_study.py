@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minift.study.run import METHODS, main, parse_args, train_config
+from minift.study.config import METHODS, train_config
+from minift.study.run import main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 

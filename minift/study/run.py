@@ -14,234 +14,20 @@ training phase stopped by Ctrl-C resumes from its checkpoint. Report: OUT/report
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from minift.args import ArgumentParser, number, out_of_range
-from minift.defaults import bundled
 from minift.errors import MinifTError
+from minift.study.config import METHODS, StudyConfig, data_override, train_config, units
 from minift.study.flags import check_test_rows, prefixed, read_config
-from minift.study.phases import Phase, Tee, adapter_digest, file_digest, model_digest, resolve_ckpt
-from minift.tasks import TASKS, get_task
-
-
-# --------------------------------------------------------------------------------------------- the arms
-@dataclass(frozen=True)
-class Method:
-    """One arm of the study: what it starts from, its config class, its training data, fixed settings."""
-    name: str
-    start: str          # "base" or the name of another arm whose adapter it continues
-    kind: str           # "sft" (TrainConfig, sft.jsonl) or "pref" (DPOConfig, the study's pairs)
-    fixed: dict = field(default_factory=dict)  # e.g. {"loss": "simpo"}: an arm is DPO with another loss
-    matches: str = ""   # a control arm: trains for as many FLOPs as this arm spent (steps set by the FLOP model)
-
-
-# A new preference method is one line: {"simpo": Method("simpo", "sft", "pref", {"loss": "simpo"})}, or a run
-# from the base: {"orpo": Method("orpo", "base", "pref", {"loss": "orpo"})}. Flags: --simpo.beta ...
-METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref"),
-           "simpo": Method("simpo", "sft", "pref", {"loss": "simpo"}),  # no reference model
-           "orpo": Method("orpo", "base", "pref", {"loss": "orpo"}),  # no reference model and no SFT stage
-           "kto": Method("kto", "sft", "pref", {"loss": "kto"}),  # the pairs as desirable / undesirable rows
-           # The compute-matched control: SFT continued from the SFT adapter on the SFT data for the FLOPs the DPO
-           # arm spent (reference pass included), so that a DPO gain can be told from a gain of more training.
-           "sft-more": Method("sft-more", "sft", "sft", matches="dpo")}
-
-
-PER_TASK_DPO_SFT_WEIGHT = 1.0  # the per-task design's DPO adds the chosen answers' NLL (TRL's rpo_alpha)
-
-
-@dataclass
-class StudyConfig:
-    ckpt: list = field(default_factory=lambda: [None])  # HF checkpoint dirs; None = the embedded default
-    per_task: bool = False    # one SFT + DPO per task (the paper's design), else one model on the mixed set
-    tasks: str = "all"
-    seeds: str = "0"
-    methods: str = "sft,dpo"
-    pairs: str = "bundled"    # bundled | on-policy
-    k: int = 4                # on-policy: samples per prompt
-    temperature: float = 1.0  # on-policy: sampling temperature
-    limit: int | None = None  # first N test items per task (all by default)
-    max_new_tokens: int | None = None  # generation budget of the evaluations (default: each task's own)
-    test_data: str | None = None  # a test JSONL instead of the bundled one (mixed design)
-    data_dir: str | None = None   # laid out like data/: clinical/{sft,dpo}.jsonl, <task>/{sft,dpo,test}.jsonl
-    train_first: bool = False     # train every arm of a seed, then evaluate (a second process can evaluate)
-    out: str = "runs/study"
-    export: str | None = None     # a GGUF type (q8_0, f16, ...): each trained arm is also written as a GGUF file
-    n_boot: int = 10000
-    train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
-
-    def seed_list(self):
-        try:
-            return [int(s) for s in str(self.seeds).split(",") if s.strip() != ""]
-        except ValueError:
-            raise MinifTError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
-
-    def method_list(self):
-        names = [m.strip() for m in self.methods.split(",") if m.strip()]
-        for m in names:
-            if m not in METHODS:
-                raise MinifTError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-        for i, m in enumerate(names):
-            start, match = METHODS[m].start, METHODS[m].matches
-            if start != "base" and start not in names:
-                raise MinifTError(f"--methods: {m} starts from {start}; add {start} to --methods")
-            if match and match not in names[:i]:
-                raise MinifTError(f"--methods: {m} trains for {match}'s FLOPs; put {match} before it")
-        return [METHODS[m] for m in names]
-
-    def task_list(self):
-        return list(TASKS) if self.tasks == "all" else [get_task(t.strip()).name for t in self.tasks.split(",")]
-
-
-def train_config(cfg: StudyConfig, method: Method, seed: int, data: Path, out: Path, adapter: Path | None):
-    from minift.train.train_config import DPOConfig, TrainConfig
-
-    cls = TrainConfig if method.kind == "sft" else DPOConfig
-    over = dict(cfg.train.get(method.name, {}))
-    known = {f.name for f in fields(cls)}
-    for k in over:
-        if k not in known:
-            raise MinifTError(f"--{method.name}.{k.replace('_', '-')}: not a setting of {cls.__name__}")
-    base = dict(seed=seed, data=str(data), out=str(out), progress=False)
-    if method.start == "base":  # SFT, or an arm that replaces it (ORPO): SFT's epochs
-        # per task: each task's 270 rows once; 3 epochs x 4 tasks would take the design past an hour
-        base["epochs"] = 1.0 if cfg.per_task else TrainConfig.epochs
-    if method.name == "dpo" and cfg.per_task:
-        # DPO on 270 pairs of one task, from that one-epoch SFT, displaced the chosen answers without an NLL term
-        # (eval split: classification's answers moved to one label); README, "how the defaults were chosen"
-        base["sft_weight"] = PER_TASK_DPO_SFT_WEIGHT
-    if adapter is not None:
-        base["adapter"] = str(adapter)
-    return cls(**{**base, **method.fixed, **over})
-
-
-def train(cfg, method, seed, ckpt_dir, ckpt_arg, data, out, adapter, log) -> Phase:
-    tc = train_config(cfg, method, seed, data, out, adapter)
-    tc.ckpt = ckpt_arg
-    tc.check()
-    parts = {k: v for k, v in asdict(tc).items() if k not in ("out", "progress", "resume", "data", "adapter",
-                                                                "ckpt")}
-    parts.update(data=file_digest(data), model=model_digest(ckpt_dir),
-                 adapter=adapter_digest(adapter) if adapter else None, kind=method.kind)
-    phase = Phase(Path(out), method.name, parts, log)
-
-    def fn(resume):
-        from minift.train.recipes import run_dpo, run_sft
-
-        tee = Tee(sys.stderr)
-        with contextlib.redirect_stderr(tee):
-            (run_sft if method.kind == "sft" else run_dpo)(replace(tc, resume=resume))
-        ref = [line for line in "".join(tee.text).splitlines() if "reference log-probs: computed" in line]
-        ref_s = float(ref[-1].split(" in ")[1].split(" s")[0]) if ref else 0.0
-        return {"reference_seconds": ref_s, "config": relative_paths(asdict(tc), Path(cfg.out))}
-    phase.state_after = phase.run(fn, resumable=True)
-    return phase
-
-
-def relative_paths(config: dict, root: Path) -> dict:
-    """The config as phase.json records it: paths inside the study folder relative to it, so that a study folder
-    that is moved or copied still reads as itself (nothing reads them back to run: the study passes its paths)."""
-    def rel(v):
-        try:
-            return str(Path(v).resolve().relative_to(root.resolve()))
-        except (TypeError, ValueError):
-            return v
-    return {k: rel(v) if k in ("data", "out", "adapter") and v else v for k, v in config.items()}
-
-
-def evaluate(cfg, name, ckpt_dir, ckpt_arg, test, tasks, out, adapter, log) -> dict:
-    from minift.eval.evaluate import EvalConfig
-    from minift.eval.evaluate import evaluate as run_eval
-
-    task = tasks[0] if len(tasks) == 1 else "all"
-    ec = EvalConfig(ckpt=ckpt_arg, adapter=str(adapter) if adapter else None, task=task, data=[str(t) for t in test],
-                    limit=cfg.limit, out=str(out), max_new_tokens=cfg.max_new_tokens)
-    parts = {"task": task, "limit": cfg.limit, "test": [file_digest(t) for t in test], "model": model_digest(ckpt_dir),
-             "adapter": adapter_digest(adapter) if adapter else None, "max_new_tokens": ec.max_new_tokens}
-    return Phase(Path(out), name, parts, log).run(lambda resume: {"summary": run_eval(ec)["tasks"]})
-
-
-def export(cfg, name, ckpt_dir, ckpt_arg, adapter: Path, out: Path, log) -> Path:
-    """The arm as one GGUF file of type cfg.export, its adapter merged (minift/model/export.py), in its own phase
-    OUT/<arm>_gguf/<arm>-<type>.gguf: skipped when the adapter and the type are unchanged."""
-    from minift.model.export import export_gguf
-
-    path = out / f"{name}-{cfg.export}.gguf"
-    parts = {"type": cfg.export, "model": model_digest(ckpt_dir), "adapter": adapter_digest(adapter)}
-    Phase(out, f"{name} gguf", parts, log).run(lambda resume: {"file": path.name, "bytes": export_gguf(
-        ckpt_arg, path, cfg.export, adapter).stat().st_size})
-    return path
-
-
-def matched_steps(cfg, method, ckpt_dir, sres, data, log) -> int:
-    """Steps for `method` to spend the FLOPs that the arm it matches spent, by the FLOP model (minift/study/flops.py),
-    at the mean cost of an example of its own data; at least one."""
-    from minift.study.report import compute
-
-    probe = train_config(cfg, method, 0, data, Path("-"), None)
-    target = compute(cfg, ckpt_dir, {method.matches: sres[method.matches]})[method.matches]
-    mine = compute(cfg, ckpt_dir, {"sft": {**sres["sft"], "data": str(data)}})["sft"]
-    per_example = mine["train"] / mine["examples_seen"]
-    steps = max(1, round((target["train"] + target["reference"]) / per_example / (probe.batch_size * probe.grad_accum)))
-    log(f"  {method.name}: {steps} steps for {method.matches}'s {target['train'] + target['reference']:.3g} FLOPs")
-    return steps
-
-
-def make_pairs(cfg, ckpt_dir, ckpt_arg, src: Path, sft_adapter: Path | None, out: Path, seed, log) -> dict:
-    from minift.study.pairs import (diagnostics_lines, imbalance_warnings, label_counts, model_sampler,
-                              on_policy_pairs, read_pairs, write_pairs)
-
-    parts = {"pairs": cfg.pairs, "data": file_digest(src), "seed": seed}
-    if cfg.pairs == "on-policy":
-        parts.update(k=cfg.k, temperature=cfg.temperature, model=model_digest(ckpt_dir),
-                     adapter=adapter_digest(sft_adapter) if sft_adapter else None)
-
-    def fn(resume):
-        rows = read_pairs(src)
-        sources = {"bundled": len(rows)}
-        if cfg.pairs == "on-policy":
-            from minift.model.checkpoint import load
-
-            model, tok = load(ckpt_arg)
-            if sft_adapter is not None:
-                from minift.model.lora import load_adapter
-
-                load_adapter(model, str(sft_adapter))
-            rows, sources = on_policy_pairs(rows, model_sampler(model.eval(), tok, cfg.temperature), cfg.k, seed,
-                                            cfg.max_new_tokens)
-        write_pairs(out / "pairs.jsonl", rows)
-        counts = label_counts(rows)
-        warnings = imbalance_warnings(counts)
-        for line in diagnostics_lines(counts) + [f"warning: {w}" for w in warnings]:
-            log("  pairs: " + line)
-        return {"sources": sources, "counts": counts, "warnings": warnings}
-    return Phase(out, "pairs", parts, log).run(fn)
+from minift.study.phases import resolve_ckpt
+from minift.study.steps import evaluate, export, make_pairs, matched_steps, train
+from minift.tasks import TASKS
 
 
 # --------------------------------------------------------------------------------------------- the study
-def units(cfg: StudyConfig):
-    """[(unit name, tasks, {"sft", "pref", "test"} files)]: the mixed set, or one unit per task."""
-    tasks = cfg.task_list()
-
-    def path(unit, split):
-        return Path(cfg.data_dir) / unit / f"{split}.jsonl" if cfg.data_dir else bundled(unit, split)
-
-    def files(unit, test_units):
-        return {"sft": path(unit, "sft"), "pref": path(unit, "dpo"), "test": [path(t, "test") for t in test_units]}
-    if cfg.per_task:
-        return [(t, [t], files(t, [t])) for t in tasks]
-    # The mixed model is tested on every task's whole test set, as the per-task models are: 20 items per task
-    # (data/clinical/test.jsonl) leave the paired tests too little power to see a difference.
-    mixed = files("clinical", tasks)
-    if cfg.test_data:
-        mixed["test"] = [Path(cfg.test_data)]
-    return [("clinical", tasks, mixed)]
-
-
 def check_inputs(cfg: StudyConfig):
     """Everything that can be checked before the first (slow) phase."""
     if cfg.pairs not in ("bundled", "on-policy"):
@@ -306,13 +92,6 @@ def check_values(cfg: StudyConfig):
             raise MinifTError(str(e).replace("--", f"--{m.name}.", 1)) from None
         except (TypeError, ValueError) as e:
             raise MinifTError(f"--{m.name}.*: {e}") from None
-
-
-def data_override(cfg: StudyConfig, m: Method) -> str | None:
-    """--ARM.data, else that of the arm it continues when both train on the same kind of data (sft-more: SFT's)."""
-    own = cfg.train.get(m.name, {}).get("data")
-    start = METHODS.get(m.start)
-    return own or (data_override(cfg, start) if start is not None and start.kind == m.kind else None)
 
 
 def slug(ckpt) -> str:
@@ -436,4 +215,3 @@ def parse_args(argv=None) -> StudyConfig:
 
 def main(argv=None):
     run_study(parse_args(argv))
-

@@ -1,0 +1,127 @@
+"""The study's arms and settings: each arm (`Method`: what it starts from, its kind of data, fixed settings), the
+study's own settings (`StudyConfig`), the training config each arm runs with (`train_config`), and the data units
+(the mixed set or one unit per task)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from minift.defaults import bundled
+from minift.errors import MinifTError
+from minift.tasks import TASKS, get_task
+
+
+# --------------------------------------------------------------------------------------------- the arms
+@dataclass(frozen=True)
+class Method:
+    """One arm of the study: what it starts from, its config class, its training data, fixed settings."""
+    name: str
+    start: str          # "base" or the name of another arm whose adapter it continues
+    kind: str           # "sft" (TrainConfig, sft.jsonl) or "pref" (DPOConfig, the study's pairs)
+    fixed: dict = field(default_factory=dict)  # e.g. {"loss": "simpo"}: an arm is DPO with another loss
+    matches: str = ""   # a control arm: trains for as many FLOPs as this arm spent (steps set by the FLOP model)
+
+
+# A new preference method is one line: {"simpo": Method("simpo", "sft", "pref", {"loss": "simpo"})}, or a run
+# from the base: {"orpo": Method("orpo", "base", "pref", {"loss": "orpo"})}. Flags: --simpo.beta ...
+METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pref"),
+           "simpo": Method("simpo", "sft", "pref", {"loss": "simpo"}),  # no reference model
+           "orpo": Method("orpo", "base", "pref", {"loss": "orpo"}),  # no reference model and no SFT stage
+           "kto": Method("kto", "sft", "pref", {"loss": "kto"}),  # the pairs as desirable / undesirable rows
+           # The compute-matched control: SFT continued from the SFT adapter on the SFT data for the FLOPs the DPO
+           # arm spent (reference pass included), so that a DPO gain can be told from a gain of more training.
+           "sft-more": Method("sft-more", "sft", "sft", matches="dpo")}
+
+
+PER_TASK_DPO_SFT_WEIGHT = 1.0  # the per-task design's DPO adds the chosen answers' NLL (TRL's rpo_alpha)
+
+
+@dataclass
+class StudyConfig:
+    ckpt: list = field(default_factory=lambda: [None])  # HF checkpoint dirs; None = the embedded default
+    per_task: bool = False    # one SFT + DPO per task (the paper's design), else one model on the mixed set
+    tasks: str = "all"
+    seeds: str = "0"
+    methods: str = "sft,dpo"
+    pairs: str = "bundled"    # bundled | on-policy
+    k: int = 4                # on-policy: samples per prompt
+    temperature: float = 1.0  # on-policy: sampling temperature
+    limit: int | None = None  # first N test items per task (all by default)
+    max_new_tokens: int | None = None  # generation budget of the evaluations (default: each task's own)
+    test_data: str | None = None  # a test JSONL instead of the bundled one (mixed design)
+    data_dir: str | None = None   # laid out like data/: clinical/{sft,dpo}.jsonl, <task>/{sft,dpo,test}.jsonl
+    train_first: bool = False     # train every arm of a seed, then evaluate (a second process can evaluate)
+    out: str = "runs/study"
+    export: str | None = None     # a GGUF type (q8_0, f16, ...): each trained arm is also written as a GGUF file
+    n_boot: int = 10000
+    train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
+
+    def seed_list(self):
+        try:
+            return [int(s) for s in str(self.seeds).split(",") if s.strip() != ""]
+        except ValueError:
+            raise MinifTError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
+
+    def method_list(self):
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        for m in names:
+            if m not in METHODS:
+                raise MinifTError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+        for i, m in enumerate(names):
+            start, match = METHODS[m].start, METHODS[m].matches
+            if start != "base" and start not in names:
+                raise MinifTError(f"--methods: {m} starts from {start}; add {start} to --methods")
+            if match and match not in names[:i]:
+                raise MinifTError(f"--methods: {m} trains for {match}'s FLOPs; put {match} before it")
+        return [METHODS[m] for m in names]
+
+    def task_list(self):
+        return list(TASKS) if self.tasks == "all" else [get_task(t.strip()).name for t in self.tasks.split(",")]
+
+
+def train_config(cfg: StudyConfig, method: Method, seed: int, data: Path, out: Path, adapter: Path | None):
+    from minift.train.train_config import DPOConfig, TrainConfig
+
+    cls = TrainConfig if method.kind == "sft" else DPOConfig
+    over = dict(cfg.train.get(method.name, {}))
+    known = {f.name for f in fields(cls)}
+    for k in over:
+        if k not in known:
+            raise MinifTError(f"--{method.name}.{k.replace('_', '-')}: not a setting of {cls.__name__}")
+    base = dict(seed=seed, data=str(data), out=str(out), progress=False)
+    if method.start == "base":  # SFT, or an arm that replaces it (ORPO): SFT's epochs
+        # per task: each task's 270 rows once; 3 epochs x 4 tasks would take the design past an hour
+        base["epochs"] = 1.0 if cfg.per_task else TrainConfig.epochs
+    if method.name == "dpo" and cfg.per_task:
+        # DPO on 270 pairs of one task, from that one-epoch SFT, displaced the chosen answers without an NLL term
+        # (eval split: classification's answers moved to one label); README, "how the defaults were chosen"
+        base["sft_weight"] = PER_TASK_DPO_SFT_WEIGHT
+    if adapter is not None:
+        base["adapter"] = str(adapter)
+    return cls(**{**base, **method.fixed, **over})
+
+
+def data_override(cfg: StudyConfig, m: Method) -> str | None:
+    """--ARM.data, else that of the arm it continues when both train on the same kind of data (sft-more: SFT's)."""
+    own = cfg.train.get(m.name, {}).get("data")
+    start = METHODS.get(m.start)
+    return own or (data_override(cfg, start) if start is not None and start.kind == m.kind else None)
+
+
+def units(cfg: StudyConfig):
+    """[(unit name, tasks, {"sft", "pref", "test"} files)]: the mixed set, or one unit per task."""
+    tasks = cfg.task_list()
+
+    def path(unit, split):
+        return Path(cfg.data_dir) / unit / f"{split}.jsonl" if cfg.data_dir else bundled(unit, split)
+
+    def files(unit, test_units):
+        return {"sft": path(unit, "sft"), "pref": path(unit, "dpo"), "test": [path(t, "test") for t in test_units]}
+    if cfg.per_task:
+        return [(t, [t], files(t, [t])) for t in tasks]
+    # The mixed model is tested on every task's whole test set, as the per-task models are: 20 items per task
+    # (data/clinical/test.jsonl) leave the paired tests too little power to see a difference.
+    mixed = files("clinical", tasks)
+    if cfg.test_data:
+        mixed["test"] = [Path(cfg.test_data)]
+    return [("clinical", tasks, mixed)]
