@@ -54,6 +54,10 @@ class StudyConfig:
     out: str = "runs/study"
     export: str | None = None     # a GGUF type (q8_0, f16, ...): each trained arm is also written as a GGUF file
     n_boot: int = 10000
+    tune: bool = False        # choose each arm's settings on the validation set first (minift/study/tune.py)
+    tune_only: bool = False   # stop after tuning (reads no test file)
+    tune_trials: int = 4      # trials per tuned arm, the same for every arm
+    tune_space: str | None = None  # JSON {arm: {setting: [values]}} replacing tune.SPACES for those arms
     train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
 
     def seed_list(self):
@@ -109,14 +113,15 @@ def data_override(cfg: StudyConfig, m: Method) -> str | None:
 
 
 def units(cfg: StudyConfig):
-    """[(unit name, tasks, {"sft", "pref", "test"} files)]: the mixed set, or one unit per task."""
+    """[(unit name, tasks, {"sft", "pref", "test", "val"} files)]: the mixed set, or one unit per task."""
     tasks = cfg.task_list()
 
     def path(unit, split):
         return Path(cfg.data_dir) / unit / f"{split}.jsonl" if cfg.data_dir else bundled(unit, split)
 
     def files(unit, test_units):
-        return {"sft": path(unit, "sft"), "pref": path(unit, "dpo"), "test": [path(t, "test") for t in test_units]}
+        return {"sft": path(unit, "sft"), "pref": path(unit, "dpo"), "test": [path(t, "test") for t in test_units],
+                "val": [path(t, "val") for t in test_units]}
     if cfg.per_task:
         return [(t, [t], files(t, [t])) for t in tasks]
     # The mixed model is tested on every task's whole test set, as the per-task models are: 20 items per task

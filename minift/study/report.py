@@ -231,6 +231,10 @@ def render_md(cfg, results, arms):
                 sd = f" ± {np.std(d, ddof=1):.3f}" if len(d) > 1 else ""
                 cells.append(f"{np.mean(d):+.3f}{sd}{ci}, p{'' if ps.startswith('<') else '='}{ps}")
             L.append("| " + " | ".join(cells) + " |")
+    if results.get("tune"):
+        from minift.study.tune import tune_md
+
+        L += [""] + tune_md(results["tune"])
     L += ["", "## What each preference arm did", "",
           "On the arm's held-out pairs (the eval split its trainer keeps out): the margin between the chosen and the "
           "rejected answers' log-ratios to the reference (TRL's rewards/margins / beta, nats) at step 0 and at the "

@@ -14,6 +14,7 @@ training phase stopped by Ctrl-C resumes from its checkpoint. Report: OUT/report
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from minift.study.config import METHODS, StudyConfig, data_override, train_confi
 from minift.study.flags import check_test_rows, prefixed, read_config
 from minift.study.phases import resolve_ckpt
 from minift.study.steps import evaluate, export, make_pairs, matched_steps, train
+from minift.study.tune import check_tune, picked_train, tune_md, tune_unit
 from minift.tasks import TASKS
 
 
@@ -39,12 +41,16 @@ def check_inputs(cfg: StudyConfig):
     for ckpt in cfg.ckpt:
         if ckpt is not None:  # (the embedded default is fetched when first used)
             resolve_ckpt(ckpt)
-    if cfg.test_data:
+    if cfg.test_data and not cfg.tune_only:
         if not Path(cfg.test_data).is_file():
             raise MinifTError(f"--test-data {cfg.test_data}: file not found")
         check_test_rows(cfg.test_data)
     for name, _, files in units(cfg):
+        if cfg.tune:
+            check_tune(cfg, files["val"])
         for kind, path in files.items():
+            if kind == "val" or (kind == "test" and cfg.tune_only):  # (val: checked by --tune, which alone reads it)
+                continue
             for m in cfg.method_list():
                 over = cfg.train.get(m.name, {})
                 if kind == ("sft" if m.kind == "sft" else "pref") and over.get("data"):
@@ -59,7 +65,7 @@ def check_inputs(cfg: StudyConfig):
 def check_values(cfg: StudyConfig):
     """The study's own settings (from flags or --config), then each arm's training config as it will run."""
     for name, kind, bounds in (("k", int, dict(ge=1)), ("temperature", float, dict(ge=0)), ("n_boot", int, dict(ge=1)),
-                               ("limit", int, dict(ge=1)), ("max_new_tokens", int, dict(ge=1, le=1_000_000))):
+                               ("limit", int, dict(ge=1)), ("tune_trials", int, dict(ge=1)), ("max_new_tokens", int, dict(ge=1, le=1_000_000))):
         value = getattr(cfg, name)
         if value is None and name in ("limit", "max_new_tokens"):
             continue
@@ -74,7 +80,8 @@ def check_values(cfg: StudyConfig):
 
         if cfg.export not in TYPES:
             raise MinifTError(f"--export must be one of {', '.join(TYPES)}, got {cfg.export!r}")
-    for name in ("per_task", "train_first"):
+    cfg.tune = cfg.tune or cfg.tune_only
+    for name in ("per_task", "train_first", "tune", "tune_only"):
         if not isinstance(getattr(cfg, name), bool):
             raise MinifTError(f"--{name.replace('_', '-')} must be true or false, got {getattr(cfg, name)!r}")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -92,6 +99,15 @@ def check_values(cfg: StudyConfig):
             raise MinifTError(str(e).replace("--", f"--{m.name}.", 1)) from None
         except (TypeError, ValueError) as e:
             raise MinifTError(f"--{m.name}.*: {e}") from None
+
+
+def write_tune(out: Path, tune: dict):
+    """OUT/tune.json and tune.md, written beside themselves and renamed (a kill leaves the old or none)."""
+    for name, text in (("tune.json", json.dumps(tune, indent=2, default=str) + "\n"),
+                       ("tune.md", "\n".join(["# Tuning", ""] + tune_md(tune)[2:]))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 def slug(ckpt) -> str:
@@ -112,15 +128,23 @@ def run_study(cfg: StudyConfig) -> dict:
         log_file.flush()
 
     t_start = time.perf_counter()
-    results = {"config": asdict(cfg), "models": {}}
-    methods = cfg.method_list()
-    for ckpt in cfg.ckpt:
+    results = {"config": asdict(cfg), "models": {}, "tune": {}}
+    methods, study = cfg.method_list(), cfg
+    for ckpt in study.ckpt:
         ckpt_dir = resolve_ckpt(ckpt)
         m_out = out / slug(ckpt)
         model_res = results["models"].setdefault(slug(ckpt), {"ckpt": str(ckpt_dir), "units": {}})
-        for unit, tasks, files in units(cfg):
+        for unit, tasks, files in units(study):
             u_out = m_out / unit
             log(f"== {slug(ckpt)} / {unit}: tasks {', '.join(tasks)}")
+            cfg = study
+            if study.tune:  # this unit's arms run with the settings picked on its validation files
+                tuned = tune_unit(study, ckpt_dir, ckpt, u_out, tasks, files, log)
+                results["tune"][f"{slug(ckpt)}/{unit}"] = tuned
+                write_tune(out, results["tune"])
+                cfg = replace(study, train=picked_train(study, tuned))
+                if study.tune_only:
+                    continue
             ures = {"tasks": tasks, "base": None, "seeds": {}}
             base = evaluate(cfg, "base eval", ckpt_dir, ckpt, files["test"], tasks, u_out / "base_eval", None, log)
             ures["base"] = {"dir": str(u_out / "base_eval"), "seconds": base["seconds"]}
@@ -164,6 +188,11 @@ def run_study(cfg: StudyConfig) -> dict:
                 ures["seeds"][seed] = sres
             model_res["units"][unit] = ures
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    cfg = study
+    if cfg.tune_only:
+        log(f"tuning: {out / 'tune.md'}, {out / 'tune.json'} (this run: {results['wall_seconds']:.0f} s)")
+        log_file.close()
+        return results
     paths = write_report(cfg, results, out)
     log(f"report: {', '.join(str(p) for p in paths)} (this run: {results['wall_seconds']:.0f} s)")
     log_file.close()
@@ -195,6 +224,12 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--export", default=None, metavar="TYPE",
                     help="also write each trained arm as a GGUF file for llama.cpp / Ollama (q8_0, f16, ...)")
+    ap.add_argument("--tune", action="store_true", help="first choose each arm's settings on the validation set "
+                    "(minift/study/tune.py: the same number of trials for every arm), then run the study with them")
+    ap.add_argument("--tune-only", action="store_true", help="--tune, then stop (OUT/tune.md); reads no test file")
+    ap.add_argument("--tune-trials", type=number(int, ge=1), default=4, help="trials per tuned arm (default 4)")
+    ap.add_argument("--tune-space", default=None, metavar="FILE",
+                    help="JSON {arm: {setting: [values]}} replacing an arm's declared search space")
     ap.add_argument("--config", default=None, help="JSON file: {\"study\": {...}, \"sft\": {...}, \"dpo\": {...}}")
     args, rest = ap.parse_known_args(argv)
     train: dict = {}
@@ -210,7 +245,8 @@ def parse_args(argv=None) -> StudyConfig:
                        methods=args.methods, pairs=args.pairs, k=args.k, temperature=args.temperature,
                        limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data,
                        data_dir=args.data_dir, train_first=args.train_first, out=args.out, export=args.export,
-                       train=train)
+                       tune=args.tune, tune_only=args.tune_only, tune_trials=args.tune_trials,
+                       tune_space=args.tune_space, train=train)
 
 
 def main(argv=None):

@@ -1,0 +1,190 @@
+"""`python -m minift.study --tune`: each arm's few settings that matter chosen on the validation set, with the
+same budget for every arm.
+
+For each arm a declared search space (SPACES, or `--tune-space FILE.json`); every tuned arm gets the same number
+of trials (`--tune-trials`, default TRIALS): its current default first, then settings drawn from its space by a
+seeded generator. A trial is two phases like the study's others (hashed, resumable, skipped when done): training
+from the arm's start (a preference arm from SFT's *picked* trial) and generation on the validation files
+(<task>/val.jsonl), scored by the mean of the tasks' primary metrics. The best mean is the arm's setting for the
+study that follows. Control arms (sft-more) are not tuned: they train with the settings of the arm they continue.
+Nothing here reads a test file: `--tune-only` stops after tuning and runs without them (tests/test_study_tune.py).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import fields, replace
+from pathlib import Path
+
+from minift.errors import MinifTError
+from minift.study.config import METHODS, train_config
+
+# The search spaces: the settings the literature and our own runs say matter, at values around each default.
+# SFT: the LoRA learning rate and the passes over the data. DPO: the learning rate (1e-5 barely moved the
+# pairs apart; 1e-4 collapsed answers on validation), beta (the pull toward the reference), and the weight of the
+# chosen answers' NLL (RPO), the published remedy for likelihood displacement. SimPO, ORPO, KTO: theirs.
+SPACES = {
+    "sft": {"lr": [1e-4, 2e-4, 4e-4], "epochs": [2.0, 3.0]},
+    "dpo": {"lr": [1e-5, 2e-5, 5e-5, 1e-4], "beta": [0.05, 0.1, 0.2], "sft_weight": [0.0, 1.0]},
+    "simpo": {"lr": [5e-6, 1e-5, 5e-5], "beta": [1.0, 2.0, 2.5], "gamma": [0.3, 0.5, 1.0]},
+    "orpo": {"lr": [1e-4, 2e-4, 4e-4], "orpo_lambda": [0.05, 0.1, 0.2]},
+    "kto": {"lr": [1e-5, 5e-5, 1e-4], "beta": [0.1, 0.2]},
+}
+TRIALS = 4  # per arm: the default and three drawn (two SFT + one DPO arm ~1 h on 2 cores, docs/study.md)
+
+
+def tuned_arms(cfg) -> list:
+    return [m for m in cfg.method_list() if not m.matches]
+
+
+def spaces(cfg) -> dict:
+    """{arm: {setting: [values]}} for the tuned arms: SPACES, replaced per arm by --tune-space, less the
+    settings that a flag fixes (--dpo.lr 5e-5 --tune: lr stays 5e-5, the rest is searched)."""
+    own = {}
+    if cfg.tune_space:
+        path = Path(cfg.tune_space)
+        if not path.is_file():
+            raise MinifTError(f"--tune-space {path}: file not found")
+        try:
+            own = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MinifTError(f"--tune-space {path}: not JSON ({e})") from None
+        if not isinstance(own, dict):
+            raise MinifTError(f"--tune-space {path}: must be an object {{arm: {{setting: [values]}}}}")
+    arms = {m.name: m for m in tuned_arms(cfg)}
+    for arm in own:
+        if arm in METHODS and METHODS[arm].matches:
+            raise MinifTError(f"--tune-space: {arm} is a control arm, not tuned (it takes the settings of "
+                              f"{METHODS[arm].start})")
+        if arm not in arms:
+            raise MinifTError(f"--tune-space: the arm {arm!r} is not in --methods ({cfg.methods})")
+    out = {}
+    for name, m in arms.items():
+        space = own.get(name, SPACES.get(name))
+        where = f"--tune-space {cfg.tune_space}: {name}" if name in own else f"the {name} space"
+        if not isinstance(space, dict) or not space:
+            raise MinifTError(f"{where}: empty search space (give {{setting: [values]}})")
+        probe = train_config(cfg, m, 0, Path("-"), Path("-"), None)
+        known = {f.name for f in fields(probe)} - {"data", "out", "ckpt", "adapter", "resume", "progress", "seed"}
+        for key, values in space.items():
+            if key not in known:
+                raise MinifTError(f"{where}: {key!r} is not a setting of {type(probe).__name__}")
+            if not isinstance(values, list) or not values:
+                raise MinifTError(f"{where}.{key}: give a non-empty list of values, got {values!r}")
+        free = {k: v for k, v in space.items() if k not in cfg.train.get(name, {})}
+        if not free:
+            raise MinifTError(f"{where}: every setting is fixed by a --{name}.* flag; nothing to tune")
+        out[name] = free
+    return out
+
+
+def trial_settings(cfg, method, space: dict, n: int, seed: int) -> list[dict]:
+    """n settings: the arm's default first, then n - 1 other points of the space's grid, drawn with `seed`."""
+    probe = train_config(cfg, method, seed, Path("-"), Path("-"), None)
+    default = {k: getattr(probe, k) for k in space}
+    keys = sorted(space)
+    grid = [dict(zip(keys, v)) for v in itertools.product(*(space[k] for k in keys))]
+    others = [g for g in grid if g != default]
+    if len(others) < n - 1:
+        raise MinifTError(f"--tune-trials {n}: the {method.name} space holds {len(others)} settings besides the "
+                          f"default; every arm gets the same number of trials, so give it more values")
+    return [default] + random.Random(f"{method.name}/{seed}").sample(others, n - 1)
+
+
+def check_tune(cfg, val_files):
+    """Everything --tune needs, before anything trains."""
+    for m in tuned_arms(cfg):
+        trials = trial_settings(cfg, m, spaces(cfg)[m.name], cfg.tune_trials, cfg.seed_list()[0])
+        for t in trials:
+            try:
+                tc = train_config(replace(cfg, train={**cfg.train, m.name: {**cfg.train.get(m.name, {}), **t}}),
+                                  m, 0, Path("-"), Path(cfg.out), None)
+                tc.data = None
+                tc.check()
+            except (MinifTError, TypeError, ValueError) as e:
+                raise MinifTError(f"--tune: the {m.name} trial {t}: {e}") from None
+    for p in val_files:
+        if not Path(p).is_file():
+            raise MinifTError(f"{p}: file not found (the validation file --tune scores its trials on)")
+        if not Path(p).read_text(encoding="utf-8").strip():
+            raise MinifTError(f"{p}: no rows (empty file)")
+
+
+def tune_unit(cfg, ckpt_dir, ckpt, unit_out: Path, tasks, files, log) -> dict:
+    """Run every tuned arm's trials for one unit; {"seed", "trials", "arms": {arm: {"trials": [...], "pick": i}},
+    "train": {arm: picked settings}}. Arms are tuned in --methods order, each from its start's picked trial."""
+    from minift.study.config import data_override
+    from minift.study.diagnostics import arm_diagnostics
+    from minift.study.report import PRIMARY, collapse
+    from minift.study.steps import evaluate, make_pairs, train
+
+    seed = cfg.seed_list()[0]
+    res = {"seed": seed, "trials": cfg.tune_trials, "arms": {}, "train": {}}
+    picked = {"base": None}  # arm -> the adapter of its picked trial
+    t_out = unit_out / "tune"
+    for m in tuned_arms(cfg):
+        data = Path(data_override(cfg, m) or files[m.kind])
+        if m.kind == "pref":
+            make_pairs(cfg, ckpt_dir, ckpt, data, picked.get("sft"), t_out / "pairs", seed, log)
+            data = t_out / "pairs" / "pairs.jsonl"
+        trials = []
+        for i, setting in enumerate(trial_settings(cfg, m, spaces(cfg)[m.name], cfg.tune_trials, seed)):
+            over = {**{k: v for k, v in cfg.train.get(m.name, {}).items() if k != "data"}, **setting}
+            cfg_t = replace(cfg, train={**cfg.train, m.name: over})
+            name, d = f"{m.name} trial {i}", t_out / m.name / f"trial{i}"
+            log(f"[tune] {name}: {setting}")
+            train(cfg_t, m, seed, ckpt_dir, ckpt, data, d, picked[m.start], log)
+            ev = evaluate(cfg, f"{name} val", ckpt_dir, ckpt, files["val"], tasks, d.with_name(f"trial{i}_val"), d, log)
+            scores = {t: ev["summary"][t][PRIMARY[t]] for t in tasks}
+            row = {"settings": setting, "scores": scores, "score": sum(scores.values()) / len(scores),
+                   "dir": str(d), "collapse": [f"{t}: {c}" for t in tasks if (c := collapse(d.with_name(f"trial{i}_val"), t))]}
+            if m.kind == "pref":
+                conf = json.loads((d / "phase.json").read_text())["config"]
+                row["diagnostics"] = arm_diagnostics(conf, d)["verdict"]
+            log(f"[tune] {name}: validation mean {row['score']:.3f}")
+            trials.append(row)
+        pick = max(range(len(trials)), key=lambda j: (trials[j]["score"], -j))  # ties: the earlier trial
+        picked[m.name] = Path(trials[pick]["dir"])
+        res["arms"][m.name] = {"space": spaces(cfg)[m.name], "trials": trials, "pick": pick}
+        res["train"][m.name] = trials[pick]["settings"]
+        log(f"[tune] {m.name}: picked trial {pick} {trials[pick]['settings']} (validation {trials[pick]['score']:.3f})")
+    for m in cfg.method_list():  # control arms: the settings of the arm they continue (its steps are matched)
+        if m.matches and m.start in res["train"]:
+            res["train"][m.name] = {k: v for k, v in res["train"][m.start].items() if k not in ("epochs", "max_steps")}
+    return res
+
+
+def picked_train(cfg, tuned: dict) -> dict:
+    """cfg.train with the picked settings under the flags (a flag, which the space left out, still wins)."""
+    train = {arm: dict(v) for arm, v in cfg.train.items()}
+    for arm, setting in tuned["train"].items():
+        train[arm] = {**setting, **train.get(arm, {})}
+    return train
+
+
+def tune_md(tune: dict) -> list[str]:
+    """The report's section: every trial with its validation score, the pick marked."""
+    L = ["## Tuning (validation set)", ""]
+    first = next(iter(tune.values()), None)
+    if first is None:
+        return []
+    L.append(f"Every tuned arm had the same budget: {first['trials']} trials (its default first, then settings drawn "
+             f"from its declared space; training seed {first['seed']}), each scored by generation on the validation "
+             f"files with the mean of the tasks' primary metrics; the best mean (**bold**) is the setting the study "
+             f"ran with. No test file was read while tuning.")
+    for unit, res in tune.items():
+        for arm, a in res["arms"].items():
+            L += ["", f"### {unit}: {arm} (space: {json.dumps(a['space'])})", ""]
+            tasks = list(a["trials"][0]["scores"])
+            head = ["trial", "settings", "mean"] + tasks + ["collapse", "what it did"]
+            L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for i, t in enumerate(a["trials"]):
+                mark = (lambda s: f"**{s}**") if i == a["pick"] else (lambda s: s)
+                cells = [mark(str(i) + (" (default)" if i == 0 else "")),
+                         ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                   for k, v in t["settings"].items()),
+                         mark(f"{t['score']:.3f}")] + [f"{t['scores'][k]:.3f}" for k in tasks]
+                cells += ["; ".join(t["collapse"]) or "-", t.get("diagnostics", "-")]
+                L.append("| " + " | ".join(cells) + " |")
+    return L + [""]
