@@ -197,6 +197,33 @@ def write_report(cfg, results, out: Path):
     return [out / "report.md", out / "report.json", out / "report.png"]
 
 
+def tune_md(tune: dict) -> list[str]:
+    """The report's section: every trial with its validation score, the pick marked."""
+    L = ["## Tuning (validation set)", ""]
+    first = next(iter(tune.values()), None)
+    if first is None:
+        return []
+    L.append(f"Every tuned arm had the same budget: {first['trials']} trials (its default first, then settings drawn "
+             f"from its declared space; training seed {first['seed']}), each scored by generation on the validation "
+             f"files with the mean of the tasks' primary metrics; the best mean (**bold**) is the setting the study "
+             f"ran with. No test file was read while tuning.")
+    for unit, res in tune.items():
+        for arm, a in res["arms"].items():
+            L += ["", f"### {unit}: {arm} (space: {json.dumps(a['space'])})", ""]
+            tasks = list(a["trials"][0]["scores"])
+            head = ["trial", "settings", "mean"] + tasks + ["collapse", "what it did"]
+            L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for i, t in enumerate(a["trials"]):
+                mark = (lambda s: f"**{s}**") if i == a["pick"] else (lambda s: s)
+                cells = [mark(str(i) + (" (default)" if i == 0 else "")),
+                         ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                   for k, v in t["settings"].items()),
+                         mark(f"{t['score']:.3f}")] + [f"{t['scores'][k]:.3f}" for k in tasks]
+                cells += ["; ".join(t["collapse"]) or "-", t.get("diagnostics", "-")]
+                L.append("| " + " | ".join(cells) + " |")
+    return L + [""]
+
+
 def render_md(cfg, results, arms):
     L = ["# Study report", ""]
     seeds = cfg.seed_list()
@@ -232,8 +259,6 @@ def render_md(cfg, results, arms):
                 cells.append(f"{np.mean(d):+.3f}{sd}{ci}, p{'' if ps.startswith('<') else '='}{ps}")
             L.append("| " + " | ".join(cells) + " |")
     if results.get("tune"):
-        from minift.study.tune import tune_md
-
         L += [""] + tune_md(results["tune"])
     L += ["", "## What each preference arm did", "",
           "On the arm's held-out pairs (the eval split its trainer keeps out): the margin between the chosen and the "

@@ -25,7 +25,8 @@ from minift.study.config import METHODS, StudyConfig, data_override, train_confi
 from minift.study.flags import check_test_rows, prefixed, read_config
 from minift.study.phases import resolve_ckpt
 from minift.study.steps import evaluate, export, make_pairs, matched_steps, train
-from minift.study.tune import check_tune, picked_train, tune_md, tune_unit
+from minift.study.report import tune_md
+from minift.study.tune import check_tune, picked_train, tune_unit
 from minift.tasks import TASKS
 
 
