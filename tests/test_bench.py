@@ -88,3 +88,20 @@ def test_bench_peers_smoke(tmp_path):
     # ... and not a trivial one: the starting adapter makes the policy differ from the reference
     assert abs(rows["trl_dpo"]["loss0"] - math.log(2)) > 1e-3
     assert rows["minift_dpo"]["speed_vs_trl"] > 0 and rows["minift_sft"]["memory_vs_trl"] is not None
+
+
+def test_bench_generate_smoke(tiny_llama, tmp_path):
+    """bench_generate.py on the tiny model: every way runs, and the study's way (one prefill, k rows, stopped rows
+    dropped) samples the very tokens of the old way (the prompt k times, no dropping): same seed, same rows."""
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_generate.py"), "--ckpt", str(tiny_llama[0]),
+                           "--per-task", "2", "--k", "3", "--batch", "2", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["conditions"]["prompts"] == 8 and data["conditions"]["k"] == 3
+    for task, ways in data["per_task"].items():
+        assert ways["k samples"]["tokens"] == ways["k copies"]["tokens"] > 0, task
+        assert all(positive(w["seconds"]) for w in ways.values())
+    assert all(positive(t["vs_greedy"]) for t in data["total"].values())
+    assert "vs greedy" in proc.stdout
