@@ -8,6 +8,7 @@ import pytest
 
 from minift import cli
 from minift.study.config import StudyConfig, METHODS
+from minift.study import tune
 from minift.study.tune import SPACES, trial_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,10 +84,15 @@ def test_tune_picks_on_validation_alone_reproducibly_and_resumes(tiny_llama, dat
 
 
 @pytest.mark.slow  # a tiny tuning, then the study with its picks
-def test_the_study_runs_with_the_picked_settings(tiny_llama, data_dir, tiny_data, tmp_path):
+def test_the_study_runs_with_the_picked_settings(tiny_llama, data_dir, tiny_data, tmp_path, monkeypatch):
     out, ckpt = tmp_path / "study", tiny_llama[0]
-    space = tmp_path / "space.json"  # two SFT learning rates that give different models; DPO's own space
+    space = tmp_path / "space.json"
     space.write_text(json.dumps({"sft": {"lr": [1e-3, 3e-3]}}))
+    real = tune.trial_settings
+
+    def off_default(cfg, method, space, n, seed):  # trials without the default, so that a pick is not the default
+        return real(cfg, method, space, n + 1, seed)[1:]
+    monkeypatch.setattr(tune, "trial_settings", off_default)
     args = [a for a in argv(ckpt, data_dir, out, "--tune-space", str(space), "--test-data",
                             str(tiny_data / "test.jsonl")) if a != "--tune-only"]
     cli.study(args + ["--tune"])
@@ -97,7 +103,8 @@ def test_the_study_runs_with_the_picked_settings(tiny_llama, data_dir, tiny_data
     seed = out / ckpt.name / "clinical" / "seed0"
     sft = json.loads((seed / "sft" / "phase.json").read_text())["config"]
     dpo = json.loads((seed / "dpo" / "phase.json").read_text())["config"]
-    assert sft["lr"] == sft_pick["lr"] and {k: dpo[k] for k in dpo_pick} == dpo_pick
+    assert sft_pick["lr"] != 2e-4 and sft["lr"] == sft_pick["lr"]  # (2e-4: the default)
+    assert dpo_pick != {"lr": 1e-5, "beta": 0.1, "sft_weight": 0.0} and {k: dpo[k] for k in dpo_pick} == dpo_pick
     assert "## Tuning (validation set)" in (out / "report.md").read_text()
 
 
