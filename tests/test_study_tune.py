@@ -49,6 +49,9 @@ def test_trials_start_from_the_default_and_draw_the_rest_reproducibly():
     for t in a[1:]:
         assert all(t[k] in SPACES["dpo"][k] for k in t)
     assert a != trial_settings(cfg, METHODS["dpo"], SPACES["dpo"], 4, seed=1)  # the seed draws them
+    # stratified: four trials over four learning rates take each once; every beta is tried before one repeats
+    assert sorted(t["lr"] for t in a) == sorted(SPACES["dpo"]["lr"])
+    assert {t["beta"] for t in a[:3]} == set(SPACES["dpo"]["beta"])
 
 
 @pytest.mark.slow  # three tiny tunings

@@ -80,7 +80,11 @@ def spaces(cfg) -> dict:
 
 
 def trial_settings(cfg, method, space: dict, n: int, seed: int) -> list[dict]:
-    """n settings: the arm's default first, then n - 1 other points of the space's grid, drawn with `seed`."""
+    """n settings: the arm's default first, then n - 1 others that spread over the space.
+
+    A plain random draw from the grid can spend a small budget on one value of the setting that matters most
+    (three DPO trials all at lr 1e-5 in one draw), so the draw is stratified like a Latin hypercube: each setting
+    takes its values other than the default's in a seeded order, one per trial, before any value repeats."""
     probe = train_config(cfg, method, seed, Path("-"), Path("-"), None)
     default = {k: getattr(probe, k) for k in space}
     keys = sorted(space)
@@ -89,7 +93,19 @@ def trial_settings(cfg, method, space: dict, n: int, seed: int) -> list[dict]:
     if len(others) < n - 1:
         raise MinifTError(f"--tune-trials {n}: the {method.name} space holds {len(others)} settings besides the "
                           f"default; every arm gets the same number of trials, so give it more values")
-    return [default] + random.Random(f"{method.name}/{seed}").sample(others, n - 1)
+    rng = random.Random(f"{method.name}/{seed}")
+    order = {}  # setting -> its values for trials 1, 2, ...: the non-default ones shuffled, then the default's
+    for k in keys:
+        rest = [v for v in space[k] if v != default[k]]
+        rng.shuffle(rest)
+        order[k] = rest + [v for v in space[k] if v == default[k]]
+    trials = [default]
+    for i in range(n - 1):
+        t = {k: order[k][i % len(order[k])] for k in keys}
+        if t in trials:  # the cycles met an earlier point: take a grid point not yet used
+            t = rng.choice([g for g in others if g not in trials])
+        trials.append(t)
+    return trials
 
 
 def check_tune(cfg, val_files):
