@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from minift import cli
-from minift.study.config import StudyConfig, METHODS
+from minift.study.config import StudyConfig, METHODS, TUNED_MIXED
 from minift.study import tune
 from minift.study.tune import SPACES, trial_settings
 
@@ -44,7 +44,7 @@ def test_trials_start_from_the_default_and_draw_the_rest_reproducibly():
     cfg = StudyConfig()
     a = trial_settings(cfg, METHODS["dpo"], SPACES["dpo"], 4, seed=0)
     assert a == trial_settings(cfg, METHODS["dpo"], SPACES["dpo"], 4, seed=0)
-    assert a[0] == {"lr": 1e-5, "beta": 0.1, "sft_weight": 0.0}  # DPOConfig's defaults
+    assert a[0] == TUNED_MIXED["dpo"]  # the mixed design's defaults, from its tuning
     assert len({json.dumps(t, sort_keys=True) for t in a}) == 4  # distinct
     for t in a[1:]:
         assert all(t[k] in SPACES["dpo"][k] for k in t)
@@ -107,7 +107,7 @@ def test_the_study_runs_with_the_picked_settings(tiny_llama, data_dir, tiny_data
     sft = json.loads((seed / "sft" / "phase.json").read_text())["config"]
     dpo = json.loads((seed / "dpo" / "phase.json").read_text())["config"]
     assert sft_pick["lr"] != 2e-4 and sft["lr"] == sft_pick["lr"]  # (2e-4: the default)
-    assert dpo_pick != {"lr": 1e-5, "beta": 0.1, "sft_weight": 0.0} and {k: dpo[k] for k in dpo_pick} == dpo_pick
+    assert dpo_pick != TUNED_MIXED["dpo"] and {k: dpo[k] for k in dpo_pick} == dpo_pick
     assert "## Tuning (validation set)" in (out / "report.md").read_text()
 
 
