@@ -268,3 +268,18 @@ def test_pairs_keep_prompts_and_only_change_rejected():
     assert plain.prompt == balanced.prompt and plain.answer == balanced.answer
     for row in build.build(seed=0)["triage"]["dpo"][:5]:
         assert row["labels"]["provider"] in row["chosen"][0]["content"]
+
+
+@pytest.mark.parametrize("name", ["summarization", "reasoning"])
+def test_bundled_pairs_do_not_teach_length(built, name):
+    # A rejected answer that is shorter in most pairs teaches DPO that longer wins: with 210 of 300 rejected
+    # summaries the shorter ones (none longer), DPO's test summaries grew by copying the note. Per task: the
+    # rejected answers' mean length within 10% of the chosen's, and neither side the shorter in more than
+    # 60% of the pairs whose lengths differ.
+    rows = built[name]["dpo"]
+    chosen = [len(r["chosen"][0]["content"].split()) for r in rows]
+    rejected = [len(r["rejected"][0]["content"].split()) for r in rows]
+    assert abs(sum(rejected) - sum(chosen)) <= 0.1 * sum(chosen)
+    shorter = sum(r < c for c, r in zip(chosen, rejected))
+    longer = sum(r > c for c, r in zip(chosen, rejected))
+    assert max(shorter, longer) <= 0.6 * (shorter + longer), (shorter, longer)

@@ -145,15 +145,18 @@ class Summarization(Task):
         lines = [LINES[k].pick(rng, split).format(**slots) for k in order]
         note = "\n".join(s[0].upper() + s[1:] for s in lines)
         gold = summary(age, sex, dx, med, dose, who, interval)
-        # Rejected: drops the follow-up, or contradicts a key fact (the ruled-out diagnosis, a home med as
-        # the new one, a wrong interval).
+        # Rejected: copies the note (home meds, the ruled-out diagnosis) in place of the follow-up, or
+        # contradicts a key fact (the ruled-out diagnosis, a home med as the new one, a wrong interval). The
+        # flaws are as often longer than the gold as shorter: when the rejected answers were the shorter ones
+        # (70% of pairs), DPO learnt length, and its summaries grew by copying the note.
         flaw = rng.choice(("drop", "dx", "med", "interval"))
         if flaw == "drop":
-            bad = f"{age}-year-old {sex} with {dx}. Started {med} {dose}."
+            bad = (f"{age}-year-old {sex} with {dx}. Started {med} {dose}. "
+                   f"Takes {m1} and {m2} at home; {alt} was ruled out.")
         elif flaw == "dx":
             bad = summary(age, sex, alt, med, dose, who, interval)
         elif flaw == "med":
-            bad = f"{age}-year-old {sex} with {dx}. Started {m1}. Follow up with {who} in {interval}."
+            bad = summary(age, sex, dx, m1, dose, who, interval)
         else:
             bad = summary(age, sex, dx, med, dose, who, rng.choice([i for i in INTERVALS if i != interval]))
         facts = [dx, med, f"{who} {interval}"]
