@@ -62,3 +62,23 @@ def test_control_arm_matches_dpo_flops_from_the_sft_adapter(tiny_llama, tiny_dat
     diag = next(iter(report["diagnostics"].values()))
     assert set(diag) == {"dpo"} and diag["dpo"]["step_start"] == 0 and diag["dpo"]["step_end"] == 6
     assert 0 <= diag["dpo"]["changed_vs_sft"] <= 1
+
+
+def test_against_sft_counts_changed_answers_and_length_per_task(tmp_path):
+    from minift.study.diagnostics import against_sft, verdict
+
+    def run(name, outputs):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"task": t, "id": i, "output": o} for (t, i), o in outputs.items()]
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+    sft = run("sft", {("summarization", "a"): "one two three four", ("summarization", "b"): "five six",
+                      ("classification", "c"): "past"})
+    dpo = run("dpo", {("summarization", "a"): "one two three four", ("summarization", "b"): "five six seven eight",
+                      ("classification", "c"): "absent"})
+    got = against_sft(dpo, sft)
+    assert got["changed_vs_sft"] == 2 / 3
+    assert got["length_vs_sft"] == {"classification": 1.0, "summarization": 8 / 6}
+    line = verdict({"loss": "sigmoid", "margin_start": 0.0, "margin_end": 2.0, **got})
+    assert line.startswith("trained") and "summarization 1.33x" in line and "classification" not in line

@@ -21,6 +21,7 @@ from minift.train.losses import REFERENCE_FREE
 # while the margin grew: the rejected fell faster, but the gold answer was pushed down with it.
 MIN_GAIN = 1.0
 DISPLACED = 1.0
+LENGTH_MOVED = 0.05  # a task's mean answer length more than 5% off SFT's is named in the verdict
 
 
 def eval_records(train_dir) -> tuple[dict, dict] | None:
@@ -38,21 +39,29 @@ def eval_records(train_dir) -> tuple[dict, dict] | None:
     return (evals[0], evals[-1]) if evals else None
 
 
-def changed_share(arm_eval, sft_eval) -> float | None:
-    """Share of test items whose answer text differs from SFT's."""
+def against_sft(arm_eval, sft_eval) -> dict:
+    """{"changed_vs_sft": share of test items whose answer text differs from SFT's, "length_vs_sft": {task: the
+    arm's mean answer length in words over SFT's}} (DPO is known to lengthen answers); {} when no item is shared."""
     a, b = read_run(arm_eval), read_run(sft_eval)
     keys = [k for k in a if k in b]
     if not keys:
-        return None
-    return sum(a[k].get("output") != b[k].get("output") for k in keys) / len(keys)
+        return {}
+    length = {}
+    for task in sorted({t for t, _ in keys}):
+        words = [sum(len(str(run[k].get("output", "")).split()) for k in keys if k[0] == task) for run in (a, b)]
+        length[task] = words[0] / words[1] if words[1] else None
+    return {"changed_vs_sft": sum(a[k].get("output") != b[k].get("output") for k in keys) / len(keys),
+            "length_vs_sft": length}
 
 
 def arm_diagnostics(config: dict, train_dir, eval_dir=None, sft_eval_dir=None) -> dict:
     """{"margin_start", "margin_end", "accuracy_start", "accuracy_end", "chosen_change", "rejected_change",
-    "changed_vs_sft", "verdict"}; margins and changes in nats where the loss has a reference."""
+    "changed_vs_sft", "length_vs_sft", "verdict"}; margins and changes in nats where the loss has a reference."""
     loss, beta = config.get("loss", "sigmoid"), config.get("beta") or 1.0
     rec = eval_records(train_dir)
-    out: dict = {"loss": loss, "changed_vs_sft": changed_share(eval_dir, sft_eval_dir) if sft_eval_dir else None}
+    out: dict = {"loss": loss, "changed_vs_sft": None, "length_vs_sft": None}
+    if sft_eval_dir:
+        out.update(against_sft(eval_dir, sft_eval_dir))
     if rec is None:
         return {**out, "verdict": "no held-out evaluation logged (eval_every 0): nothing to judge"}
     first, last = rec
@@ -75,6 +84,9 @@ def verdict(d: dict) -> str:
         words += f"; chosen log-prob {d['chosen_change']:+.2f}, rejected {d['rejected_change']:+.2f}"
     if d.get("changed_vs_sft") is not None:
         words += f"; {d['changed_vs_sft']:.0%} of test answers changed from SFT's"
+    moved = {t: r for t, r in (d.get("length_vs_sft") or {}).items() if r is not None and abs(r - 1) > LENGTH_MOVED}
+    if moved:
+        words += "; answer length vs SFT's: " + ", ".join(f"{t} {r:.2f}x" for t, r in moved.items())
     if gain < MIN_GAIN:
         return f"barely trained: {words}"
     if d.get("chosen_change") is not None and d["chosen_change"] < -DISPLACED:
