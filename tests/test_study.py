@@ -152,14 +152,14 @@ def test_prefixed_flags_and_config_file(tmp_path):
 
 
 def test_each_design_sets_its_own_defaults_and_flags_win(tmp_path):
-    # per task: SFT one epoch, DPO with the chosen NLL term; mixed: its tuned settings (SFT three epochs, DPO with NLL)
+    # per task: SFT one epoch, DPO with the chosen NLL term; mixed: its tuned settings (SFT three epochs, DPO without NLL)
     def settings(argv):
         cfg = parse_args(argv)
         sft = train_config(cfg, METHODS["sft"], 0, tmp_path / "d.jsonl", tmp_path / "s", None)
         dpo = train_config(cfg, METHODS["dpo"], 0, tmp_path / "d.jsonl", tmp_path / "d", tmp_path / "s")
         return sft.epochs, dpo.sft_weight, dpo.epochs
-    assert settings([]) == (3.0, 1.0, 1.0)
-    assert settings(["--dpo.sft-weight", "0"]) == (3.0, 0.0, 1.0)
+    assert settings([]) == (3.0, 0.0, 1.0)
+    assert settings(["--dpo.sft-weight", "1"]) == (3.0, 1.0, 1.0)
     assert settings(["--per-task"]) == (1.0, 1.0, 1.0)
     assert settings(["--per-task", "--dpo.sft-weight", "0", "--sft.epochs", "2"]) == (2.0, 0.0, 1.0)
 

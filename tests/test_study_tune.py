@@ -9,7 +9,7 @@ import pytest
 from minift import cli
 from minift.study.config import StudyConfig, METHODS, TUNED_MIXED
 from minift.study import tune
-from minift.study.tune import SPACES, trial_settings
+from minift.study.tune import SPACES, best, trained, trial_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "minift" / "datasets"
@@ -54,6 +54,17 @@ def test_trials_start_from_the_default_and_draw_the_rest_reproducibly():
     assert {t["beta"] for t in a[:3]} == set(SPACES["dpo"]["beta"])
 
 
+def test_a_preference_trial_that_did_not_train_is_not_a_candidate():
+    # the best score among the trials whose held-out margin reached the bar; none reached it: the best of all
+    assert best([{"score": 0.55, "trained": False}, {"score": 0.52, "trained": True},
+                 {"score": 0.53, "trained": True}]) == 2
+    assert best([{"score": 0.5, "trained": False}, {"score": 0.6, "trained": False}]) == 1
+    assert best([{"score": 0.5}, {"score": 0.5}]) == 0  # SFT trials (no margin); ties: the earlier
+    assert not trained({"loss": "sigmoid"}, 1.34, 2.0) and trained({"loss": "sigmoid"}, 2.56, 2.0)
+    assert trained({"loss": "sigmoid"}, 1.34, 0.0)  # --tune-min-margin 0: every trial
+    assert trained({"loss": "simpo"}, 0.1, 2.0)  # its margin is not in nats: not gated
+
+
 @pytest.mark.slow  # three tiny tunings
 def test_tune_picks_on_validation_alone_reproducibly_and_resumes(tiny_llama, data_dir, tmp_path, capsys):
     assert not list(data_dir.rglob("test.jsonl"))  # no test file to read
@@ -66,7 +77,8 @@ def test_tune_picks_on_validation_alone_reproducibly_and_resumes(tiny_llama, dat
         assert list(unit["arms"]) == ["sft", "dpo"]
         for arm, a in unit["arms"].items():
             assert len(a["trials"]) == 2  # the same budget for every arm
-            assert a["trials"][a["pick"]]["score"] == max(t["score"] for t in a["trials"])
+            pool = [t for t in a["trials"] if t.get("trained", True)] or a["trials"]  # (tune.best)
+            assert a["trials"][a["pick"]]["score"] == max(t["score"] for t in pool)
             for t in a["trials"][1:]:
                 assert all(v in SPACES[arm][k] for k, v in t["settings"].items() if k in SPACES[arm])
             assert set(a["trials"][0]["scores"]) == set(TASKS)
@@ -123,6 +135,7 @@ SPACE_CASES = {  # (--tune-space content or None, extra flags, a phrase the erro
     "not JSON": ("{dpo: lr}", [], "not JSON"),
     "space file missing": (None, ["--tune-space", "{d}/nothing.json"], "nothing.json"),
     "tune-trials 0": (None, ["--tune-trials", "0"], "--tune-trials"),
+    "negative margin bar": (None, ["--tune-min-margin", "-1"], "--tune-min-margin"),
 }
 
 

@@ -77,6 +77,7 @@ class StudyConfig:
     tune_only: bool = False   # stop after tuning (reads no test file)
     tune_trials: int = 4      # trials per tuned arm, the same for every arm
     tune_space: str | None = None  # JSON {arm: {setting: [values]}} replacing tune.SPACES for those arms
+    tune_min_margin: float = 2.0  # a preference trial counts only if its held-out margin reached this (nats)
     train: dict = field(default_factory=dict)  # {arm name: {field: value}} overrides of the training configs
 
     def seed_list(self):

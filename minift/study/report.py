@@ -207,6 +207,11 @@ def tune_md(tune: dict) -> list[str]:
              f"from its declared space; training seed {first['seed']}), each scored by generation on the validation "
              f"files with the mean of the tasks' primary metrics; the best mean (**bold**) is the setting the study "
              f"ran with. No test file was read while tuning.")
+    margin = next((a["min_margin"] for r in tune.values() for a in r["arms"].values() if "min_margin" in a), None)
+    if margin is not None:
+        L[-1] += (f" A preference arm picks among its trials that trained (a held-out chosen-rejected margin of at "
+                  f"least {margin:g} nats; the others are marked *not trained*): the best score alone favours the "
+                  f"trial that moved the SFT model least.")
     for unit, res in tune.items():
         for arm, a in res["arms"].items():
             L += ["", f"### {unit}: {arm} (space: {json.dumps(a['space'])})", ""]
@@ -219,7 +224,8 @@ def tune_md(tune: dict) -> list[str]:
                          ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
                                    for k, v in t["settings"].items()),
                          mark(f"{t['score']:.3f}")] + [f"{t['scores'][k]:.3f}" for k in tasks]
-                cells += ["; ".join(t["collapse"]) or "-", t.get("diagnostics", "-")]
+                what = t.get("diagnostics", "-") + ("" if t.get("trained", True) else " (*not trained*: not a candidate)")
+                cells += ["; ".join(t["collapse"]) or "-", what]
                 L.append("| " + " | ".join(cells) + " |")
     return L + [""]
 

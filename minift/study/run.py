@@ -66,7 +66,8 @@ def check_inputs(cfg: StudyConfig):
 def check_values(cfg: StudyConfig):
     """The study's own settings (from flags or --config), then each arm's training config as it will run."""
     for name, kind, bounds in (("k", int, dict(ge=1)), ("temperature", float, dict(ge=0)), ("n_boot", int, dict(ge=1)),
-                               ("limit", int, dict(ge=1)), ("tune_trials", int, dict(ge=1)), ("max_new_tokens", int, dict(ge=1, le=1_000_000))):
+                               ("limit", int, dict(ge=1)), ("tune_trials", int, dict(ge=1)), ("tune_min_margin", float, dict(ge=0)),
+                               ("max_new_tokens", int, dict(ge=1, le=1_000_000))):
         value = getattr(cfg, name)
         if value is None and name in ("limit", "max_new_tokens"):
             continue
@@ -231,6 +232,9 @@ def parse_args(argv=None) -> StudyConfig:
     ap.add_argument("--tune-trials", type=number(int, ge=1), default=4, help="trials per tuned arm (default 4)")
     ap.add_argument("--tune-space", default=None, metavar="FILE",
                     help="JSON {arm: {setting: [values]}} replacing an arm's declared search space")
+    ap.add_argument("--tune-min-margin", type=number(float, ge=0), default=2.0, metavar="NATS",
+                    help="a preference trial is a candidate only if it trained: its held-out chosen-rejected "
+                         "margin reached NATS (default 2; 0: every trial)")
     ap.add_argument("--config", default=None, help="JSON file: {\"study\": {...}, \"sft\": {...}, \"dpo\": {...}}")
     args, rest = ap.parse_known_args(argv)
     train: dict = {}
@@ -247,7 +251,7 @@ def parse_args(argv=None) -> StudyConfig:
                        limit=args.limit, max_new_tokens=args.max_new_tokens, test_data=args.test_data,
                        data_dir=args.data_dir, train_first=args.train_first, out=args.out, export=args.export,
                        tune=args.tune, tune_only=args.tune_only, tune_trials=args.tune_trials,
-                       tune_space=args.tune_space, train=train)
+                       tune_space=args.tune_space, tune_min_margin=args.tune_min_margin, train=train)
 
 
 def main(argv=None):

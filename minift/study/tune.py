@@ -6,7 +6,8 @@ of trials (`--tune-trials`, default TRIALS): its current default first, then set
 seeded generator. A trial is two phases like the study's others (hashed, resumable, skipped when done): training
 from the arm's start (a preference arm from SFT's *picked* trial) and generation on the validation files
 (<task>/val.jsonl), scored by the mean of the tasks' primary metrics. The best mean is the arm's setting for the
-study that follows. Control arms (sft-more) are not tuned: they train with the settings of the arm they continue.
+study that follows; for a preference arm, the best among the trials that trained (held-out margin of at least
+--tune-min-margin nats; see trained()). Control arms (sft-more) are not tuned: they train with the settings of the arm they continue.
 Nothing here reads a test file: `--tune-only` stops after tuning and runs without them (tests/test_study_tune.py).
 """
 from __future__ import annotations
@@ -157,18 +158,40 @@ def tune_unit(cfg, ckpt_dir, ckpt, unit_out: Path, tasks, files, log) -> dict:
                    "dir": str(d), "collapse": [f"{t}: {c}" for t in tasks if (c := collapse(d.with_name(f"trial{i}_val"), t))]}
             if m.kind == "pref":
                 conf = json.loads((d / "phase.json").read_text())["config"]
-                row["diagnostics"] = arm_diagnostics(conf, d)["verdict"]
+                diag = arm_diagnostics(conf, d)
+                row["diagnostics"], row["margin"] = diag["verdict"], diag.get("margin_end")
+                row["trained"] = trained(conf, row["margin"], cfg.tune_min_margin)
             log(f"[tune] {name}: validation mean {row['score']:.3f}")
             trials.append(row)
-        pick = max(range(len(trials)), key=lambda j: (trials[j]["score"], -j))  # ties: the earlier trial
+        pick = best(trials)
         picked[m.name] = Path(trials[pick]["dir"])
         res["arms"][m.name] = {"space": spaces(cfg)[m.name], "trials": trials, "pick": pick}
+        if m.kind == "pref":
+            res["arms"][m.name]["min_margin"] = cfg.tune_min_margin
         res["train"][m.name] = trials[pick]["settings"]
         log(f"[tune] {m.name}: picked trial {pick} {trials[pick]['settings']} (validation {trials[pick]['score']:.3f})")
     for m in cfg.method_list():  # control arms: the settings of the arm they continue (its steps are matched)
         if m.matches and m.start in res["train"]:
             res["train"][m.name] = {k: v for k, v in res["train"][m.start].items() if k not in ("epochs", "max_steps")}
     return res
+
+
+def trained(config: dict, margin, min_margin: float) -> bool:
+    """A preference trial is a candidate only if it did what the method is for: moved its held-out chosen and
+    rejected answers at least `min_margin` nats apart. The mean validation score alone favours the trial that
+    moved the SFT model least (it starts from the best SFT trial), and a DPO arm that hardly trained says
+    nothing about DPO. Reference-free losses (SimPO, ORPO) log their margin in other units: not gated."""
+    from minift.train.losses import REFERENCE_FREE
+
+    if config.get("loss", "sigmoid") in REFERENCE_FREE or margin is None:
+        return True
+    return margin >= min_margin
+
+
+def best(trials: list) -> int:
+    """The best mean validation score among the candidates (every trial when none trained); ties: the earlier."""
+    pool = [j for j, t in enumerate(trials) if t.get("trained", True)] or range(len(trials))
+    return max(pool, key=lambda j: (trials[j]["score"], -j))
 
 
 def picked_train(cfg, tuned: dict) -> dict:
