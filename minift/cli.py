@@ -53,12 +53,21 @@ def _study(argv=None):
     main(argv)
 
 
+def _then_leave(code):
+    """Under torchrun a training command's rank exits without the interpreter's teardown (distributed.leave)."""
+    from minift.train import distributed
+
+    if distributed.launched():
+        distributed.leave()
+    return code
+
+
 def sft(argv=None):
-    return run_cli(lambda: _sft(argv))
+    return _then_leave(run_cli(lambda: _sft(argv)))
 
 
 def dpo(argv=None):
-    return run_cli(lambda: _dpo(argv))
+    return _then_leave(run_cli(lambda: _dpo(argv)))
 
 
 def evaluate(argv=None):

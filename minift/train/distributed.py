@@ -105,6 +105,18 @@ def close():
     _current = Dist()
 
 
+def leave(code=0):
+    """End this torchrun rank once its run has returned and close() has left the group, skipping the
+    interpreter's teardown. A gloo worker thread lets go of a finished collective's buffers a moment after the
+    collective returns; they are tensors Python owns, so freeing them takes the GIL, and a thread that asks for
+    it while the interpreter is finalizing is stopped mid-destructor: the process aborts ("terminate called
+    without an active exception", seen under FSDP in tests/test_distributed.py). Nothing is left to tear down
+    (every file is written and closed), so the rank flushes its output and exits here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def entry(run):
     """Decorates a run function `run(cfg, ...)` (recipes.run_sft, run_dpo): join the group from cfg.parallel and
     cfg.device, run, then close() once the run has returned and its model is gone. Bad input is met by every
