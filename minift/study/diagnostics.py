@@ -15,7 +15,7 @@ from pathlib import Path
 from minift.eval.compare import read_run
 from minift.train.losses import REFERENCE_FREE
 
-# The verdict's rule. Trained: the held-out margin grew by at least MIN_GAIN nats (the check asks for a
+# The verdict's rule. Trained: the held-out margin grew by at least MIN_GAIN nats (the study asks for a
 # final margin of 2 nats; below 1 nat of growth the arm has barely moved the pairs apart). Displacement: the
 # chosen answers themselves lost more than DISPLACED nats against the reference (a factor e^-1 in probability)
 # while the margin grew: the rejected fell faster, but the gold answer was pushed down with it.
