@@ -118,7 +118,7 @@ def test_the_study_runs_with_the_picked_settings(tiny_llama, data_dir, tiny_data
     seed = out / ckpt.name / "clinical" / "seed0"
     sft = json.loads((seed / "sft" / "phase.json").read_text())["config"]
     dpo = json.loads((seed / "dpo" / "phase.json").read_text())["config"]
-    assert sft_pick["lr"] != 2e-4 and sft["lr"] == sft_pick["lr"]  # (2e-4: the default)
+    assert sft_pick["lr"] != TUNED_MIXED["sft"]["lr"] and sft["lr"] == sft_pick["lr"]  # (not the default)
     assert dpo_pick != TUNED_MIXED["dpo"] and {k: dpo[k] for k in dpo_pick} == dpo_pick
     assert "## Tuning (validation set)" in (out / "report.md").read_text()
 

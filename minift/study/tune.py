@@ -22,8 +22,8 @@ from minift.errors import MinifTError
 from minift.study.config import METHODS, train_config
 
 # The search spaces: the settings the literature and our own runs say matter, at values around each default.
-# SFT: the LoRA learning rate and the passes over the data. DPO: the learning rate (1e-5 barely moved the
-# pairs apart; 1e-4 collapsed answers on validation), beta (the pull toward the reference), and the weight of the
+# SFT: the LoRA learning rate and the passes over the data. DPO: the learning rate (from 1e-5, which barely
+# moves the pairs apart, to 1e-4), beta (the pull toward the reference), and the weight of the
 # chosen answers' NLL (RPO), the published remedy for likelihood displacement. SimPO, ORPO, KTO: theirs.
 SPACES = {
     "sft": {"lr": [1e-4, 2e-4, 4e-4], "epochs": [2.0, 3.0]},
@@ -112,8 +112,10 @@ def trial_settings(cfg, method, space: dict, n: int, seed: int) -> list[dict]:
 def check_tune(cfg, val_files):
     """Everything --tune needs, before anything trains."""
     for m in tuned_arms(cfg):
-        trials = trial_settings(cfg, m, spaces(cfg)[m.name], cfg.tune_trials, cfg.seed_list()[0])
-        for t in trials:
+        space = spaces(cfg)[m.name]
+        trials = trial_settings(cfg, m, space, cfg.tune_trials, cfg.seed_list()[0])
+        # every value of the space (a budget smaller than the space draws only some), then the trials as drawn
+        for t in [{k: v} for k, values in space.items() for v in values] + trials:
             try:
                 tc = train_config(replace(cfg, train={**cfg.train, m.name: {**cfg.train.get(m.name, {}), **t}}),
                                   m, 0, Path("-"), Path(cfg.out), None)
