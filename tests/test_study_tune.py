@@ -65,6 +65,17 @@ def test_a_preference_trial_that_did_not_train_is_not_a_candidate():
     assert trained({"loss": "simpo"}, 0.1, 2.0)  # its margin is not in nats: not gated
 
 
+def test_the_tuning_table_says_when_no_preference_trial_trained():
+    from minift.study.report import tune_md
+
+    row = lambda score, ok: {"settings": {"lr": 1e-5}, "scores": {"triage": score}, "score": score, "collapse": [],
+                             "diagnostics": "barely trained: margin 0.00 -> 0.50 nats", "trained": ok}
+    arm = {"space": {"lr": [1e-5]}, "trials": [row(0.5, False), row(0.6, False)], "pick": 1, "min_margin": 2.0}
+    md = "\n".join(tune_md({"m/clinical": {"seed": 0, "trials": 2, "arms": {"dpo": arm}}}))
+    assert "at least 2 nats" in md
+    assert md.count("not a candidate") == 1 and md.count("no trial reached it, so the best of all") == 1
+
+
 @pytest.mark.slow  # three tiny tunings
 def test_tune_picks_on_validation_alone_reproducibly_and_resumes(tiny_llama, data_dir, tmp_path, capsys):
     assert not list(data_dir.rglob("test.jsonl"))  # no test file to read

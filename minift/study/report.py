@@ -224,8 +224,10 @@ def tune_md(tune: dict) -> list[str]:
                          ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
                                    for k, v in t["settings"].items()),
                          mark(f"{t['score']:.3f}")] + [f"{t['scores'][k]:.3f}" for k in tasks]
-                what = t.get("diagnostics", "-") + ("" if t.get("trained", True) else
-                                                    " (*not trained*: below the margin bar, not a candidate)")
+                below = "" if t.get("trained", True) else (
+                    " (*not trained*: below the margin bar; no trial reached it, so the best of all)" if i == a["pick"]
+                    else " (*not trained*: below the margin bar, not a candidate)")
+                what = t.get("diagnostics", "-") + below
                 cells += ["; ".join(t["collapse"]) or "-", what]
                 L.append("| " + " | ".join(cells) + " |")
     return L + [""]

@@ -7,7 +7,8 @@ seeded generator. A trial is two phases like the study's others (hashed, resumab
 from the arm's start (a preference arm from SFT's *picked* trial) and generation on the validation files
 (<task>/val.jsonl), scored by the mean of the tasks' primary metrics. The best mean is the arm's setting for the
 study that follows; for a preference arm, the best among the trials that trained (held-out margin of at least
---tune-min-margin nats; see trained()). Control arms (sft-more) are not tuned: they train with the settings of the arm they continue.
+--tune-min-margin nats; see trained()). Control arms (sft-more) are not tuned: they train with the settings of
+the arm they continue.
 Nothing here reads a test file: `--tune-only` stops after tuning and runs without them (tests/test_study_tune.py).
 """
 from __future__ import annotations
@@ -171,7 +172,9 @@ def tune_unit(cfg, ckpt_dir, ckpt, unit_out: Path, tasks, files, log) -> dict:
         if m.kind == "pref":
             res["arms"][m.name]["min_margin"] = cfg.tune_min_margin
         res["train"][m.name] = trials[pick]["settings"]
-        log(f"[tune] {m.name}: picked trial {pick} {trials[pick]['settings']} (validation {trials[pick]['score']:.3f})")
+        untrained = "" if trials[pick].get("trained", True) else "; no trial reached the margin bar: the best of all"
+        log(f"[tune] {m.name}: picked trial {pick} {trials[pick]['settings']} (validation {trials[pick]['score']:.3f}"
+            f"{untrained})")
     for m in cfg.method_list():  # control arms: the settings of the arm they continue (its steps are matched)
         if m.matches and m.start in res["train"]:
             res["train"][m.name] = {k: v for k, v in res["train"][m.start].items() if k not in ("epochs", "max_steps")}

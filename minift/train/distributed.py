@@ -105,7 +105,7 @@ def close():
     _current = Dist()
 
 
-def leave(code=0):
+def leave():
     """End this torchrun rank once its run has returned and close() has left the group, skipping the
     interpreter's teardown. A gloo worker thread lets go of a finished collective's buffers a moment after the
     collective returns; they are tensors Python owns, so freeing them takes the GIL, and a thread that asks for
@@ -114,7 +114,7 @@ def leave(code=0):
     (every file is written and closed), so the rank flushes its output and exits here."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)
 
 
 def entry(run):
