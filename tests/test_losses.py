@@ -233,3 +233,42 @@ def test_bad_inputs(setup):
         losses.dpo_losses(*torch.zeros(4, 2), BETA, "kto")
     with pytest.raises(losses.MinifTError, match="ipo"):
         losses.dpo_losses(*torch.zeros(4, 2), BETA, "ipo")
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "hinge", "robust"])
+def test_dpo_positive_against_its_formula_in_fp64(loss):
+    """DPO-Positive (Pal et al. 2024, eq. 3): the score inside the loss is delta - lam * max(0, ref_c - pi_c).
+    Written here from the paper with fp64 numbers in the 'sigmoid' form and mapped to hinge and robust the way
+    delta enters them; a chosen answer above its reference gives plain DPO's loss and gradient."""
+    pc = torch.tensor([-3.0, -5.5, -2.0, -7.25], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-4.0, -5.0, -6.0, -7.0], dtype=torch.float64)
+    rc = torch.tensor([-3.5, -5.0, -2.5, -7.0], dtype=torch.float64)  # pairs 1 and 3: chosen fell below the ref
+    rr = torch.tensor([-3.8, -5.2, -5.0, -7.1], dtype=torch.float64)
+    beta, lam, eps = 0.2, 5.0, 0.1
+    got, _, _ = losses.dpo_losses(pc, pr, rc, rr, beta, loss, eps if loss == "robust" else 0.0, dpop_lambda=lam)
+    fell = torch.clamp(rc - pc, min=0)
+    z = beta * ((pc - rc) - (pr - rr) - lam * fell)
+    sig = torch.sigmoid
+    want = {"sigmoid": -torch.log(sig(z)),
+            "hinge": torch.clamp(1 - z, min=0),
+            "robust": (-(1 - eps) * torch.log(sig(z)) + eps * torch.log(sig(-z))) / (1 - 2 * eps)}[loss]
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)  # the same fp64 formula: exact
+    plain, _, _ = losses.dpo_losses(pc, pr, rc, rr, beta, loss, eps if loss == "robust" else 0.0)
+    above = fell == 0
+    assert torch.equal(got[above], plain[above]) and (got[~above] > plain[~above]).all()
+    g_dpop, = torch.autograd.grad(got.sum(), pc)
+    g_plain, = torch.autograd.grad(plain.sum(), pc)
+    if loss != "hinge":  # (hinge's pair 0 is clipped, gradient 0 either way)
+        assert (g_dpop[~above].abs() > g_plain[~above].abs()).all()  # the penalty pushes a fallen chosen up harder
+    assert torch.equal(g_dpop[above], g_plain[above])
+
+
+def test_dpo_positive_is_refused_where_it_has_no_meaning():
+    from minift.train.train_config import DPOConfig
+
+    with pytest.raises(losses.MinifTError, match="not ipo"):
+        losses.dpo_losses(*torch.zeros(4, 2), BETA, "ipo", chosen_tokens=torch.ones(2), rejected_tokens=torch.ones(2),
+                          dpop_lambda=1.0)
+    for loss in ("ipo", "simpo", "orpo", "kto"):
+        with pytest.raises(losses.MinifTError, match=f"--dpop-lambda applies to .* not {loss}"):
+            DPOConfig(loss=loss, dpop_lambda=1.0).check()

@@ -12,6 +12,10 @@ DPO formulas follow TRL 1.16 (trl/trainer/dpo_trainer.py, DPOTrainer._compute_lo
 Difference from TRL 1.16: its "sigmoid" ignores label_smoothing (only "robust", "exo_pair" and "aot" read it);
 here eps > 0 gives conservative DPO (Mitchell 2023), the form older TRL versions used for "sigmoid". At eps = 0
 the two are the same. ipo and hinge ignore eps, as in TRL.
+
+DPO-Positive (Pal et al. 2024, "Smaug"; not in TRL): with dpop_lambda = lam > 0, delta in sigmoid, hinge and
+robust becomes delta - lam * max(0, ref_c - pi_c), so a chosen answer whose log-prob falls below the reference's
+costs margin. It targets likelihood displacement, where both answers of a pair lose probability.
 """
 from typing import NamedTuple
 
@@ -83,7 +87,8 @@ def sft_loss(model, batch):
 # --- DPO ---------------------------------------------------------------------------------------------------
 
 
-def dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, chosen_tokens=None, rejected_tokens=None):
+def dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, chosen_tokens=None, rejected_tokens=None,
+               dpop_lambda=0.0):
     """Per-pair DPO losses and implicit rewards, following TRL 1.16 (see the module docstring).
 
     pc/pr: policy log-probs of chosen/rejected [P]; rc/rr: reference log-probs [P]. chosen_tokens and
@@ -91,6 +96,10 @@ def dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, chosen_toke
     Returns (losses[P], chosen_rewards[P], rejected_rewards[P]); rewards = beta * (pi - ref), detached."""
     chosen_ratio, rejected_ratio = pc - rc, pr - rr  # log pi/ref per sequence, (P,)
     delta = chosen_ratio - rejected_ratio
+    if dpop_lambda:  # DPO-Positive: only a chosen answer that fell below the reference is penalised
+        if loss_type == "ipo":
+            raise MinifTError("losses.dpo_losses: dpop_lambda applies to sigmoid, hinge and robust, not ipo")
+        delta = delta - dpop_lambda * torch.relu(-chosen_ratio)
     eps = float(label_smoothing)
     if loss_type == "sigmoid":
         losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
@@ -118,7 +127,8 @@ def split_pairs(x, n_pairs):
     return x[:n_pairs], x[n_pairs:]
 
 
-def dpo_loss_sums(policy: SeqLogps, ref_logps, beta, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0):
+def dpo_loss_sums(policy: SeqLogps, ref_logps, beta, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0,
+                  dpop_lambda=0.0):
     """One micro-batch of DPO from log-probs: (loss_sum, metric_sums), both summed over its P pairs.
 
     policy: the policy's SeqLogps of the batch's 2P sequences (chosen first, then rejected), with gradient.
@@ -139,7 +149,7 @@ def dpo_loss_sums(policy: SeqLogps, ref_logps, beta, loss_type="sigmoid", label_
     pc, pr = split_pairs(policy.logps, P)
     rc, rr = split_pairs(ref_logps.to(policy.logps.device, torch.float32), P)
     nc, nr = split_pairs(policy.n_tokens, P)
-    losses, chosen_r, rejected_r = dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing, nc, nr)
+    losses, chosen_r, rejected_r = dpo_losses(pc, pr, rc, rr, beta, loss_type, label_smoothing, nc, nr, dpop_lambda)
     loss_sum = losses.sum()
     if sft_weight:
         nll_chosen = -pc.sum() / nc.sum().clamp(min=1)  # mean NLL per chosen completion token

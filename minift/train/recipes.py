@@ -40,7 +40,7 @@ class DPORecipe:
 
     def __init__(self, reference, layout, pad_id, device, **loss_args):
         self.reference, self.layout, self.pad_id, self.device = reference, layout, pad_id, device
-        self.loss_args = loss_args  # beta, loss_type, label_smoothing, sft_weight (losses.dpo_loss_sums)
+        self.loss_args = loss_args  # beta, loss_type, label_smoothing, sft_weight, dpop_lambda (losses.dpo_loss_sums)
 
     def count(self, indexed):
         return len(indexed)
@@ -81,7 +81,8 @@ def run_dpo(cfg):
                       eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any")
     reference = Reference(cfg.ref, model, out_dir=cfg.out, key_parts=parts)
     recipe = DPORecipe(reference, cfg.layout, tok.pad_id, device, beta=cfg.beta, loss_type=cfg.loss,
-                       label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
+                       label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight,
+                       dpop_lambda=cfg.dpop_lambda)
     # Train and eval pairs share one index space: the cached table has a row for each.
     indexed = list(enumerate(train + held))
     train_ix, held_ix = indexed[:len(train)], indexed[len(train):]

@@ -114,6 +114,8 @@ class DPOConfig(TrainConfig):
                     "row)", choices=LOSS_TYPES)
     label_smoothing: float = opt(0.0, "conservative DPO / robust DPO label noise in [0, 0.5)", ge=0, lt=0.5)
     sft_weight: float = opt(0.0, "weight of an added NLL loss on the chosen completion (simpo: TRL's cpo_alpha)", ge=0)
+    dpop_lambda: float = opt(0.0, "DPO-Positive (Pal et al. 2024): margin lost per nat that a chosen answer falls below "
+                             "the reference (sigmoid, hinge, robust)", ge=0)
     gamma: float = opt(0.5, "simpo: target reward margin (the loss is -logsig(beta (a_w - a_l) - gamma), a = mean "
                        "log-prob per token)", ge=0)
     orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL (TRL's beta)", ge=0)
@@ -140,6 +142,8 @@ class DPOConfig(TrainConfig):
         super().check()
         if self.ref == "adapter" and self.adapter is None:
             raise MinifTError("--ref adapter needs --adapter DIR (the adapter to use as the reference)")
+        if self.dpop_lambda and self.loss not in ("sigmoid", "hinge", "robust"):
+            raise MinifTError(f"--dpop-lambda applies to --loss sigmoid, hinge or robust, not {self.loss}")
         return self
 
 
