@@ -243,7 +243,7 @@ def test_dpo_positive_against_its_formula_in_fp64(loss):
     pc = torch.tensor([-3.0, -5.5, -2.0, -7.25], dtype=torch.float64, requires_grad=True)
     pr = torch.tensor([-4.0, -5.0, -6.0, -7.0], dtype=torch.float64)
     rc = torch.tensor([-3.5, -5.0, -2.5, -7.0], dtype=torch.float64)  # pairs 1 and 3: chosen fell below the ref
-    rr = torch.tensor([-3.8, -5.2, -5.0, -7.1], dtype=torch.float64)
+    rr = torch.tensor([-3.75, -5.25, -5.0, -7.125], dtype=torch.float64)  # binary fractions: fp32 holds them
     beta, lam, eps = 0.2, 5.0, 0.1
     got, _, _ = losses.dpo_losses(pc, pr, rc, rr, beta, loss, eps if loss == "robust" else 0.0, dpop_lambda=lam)
     fell = torch.clamp(rc - pc, min=0)
@@ -261,6 +261,12 @@ def test_dpo_positive_against_its_formula_in_fp64(loss):
     if loss != "hinge":  # (hinge's pair 0 is clipped, gradient 0 either way)
         assert (g_dpop[~above].abs() > g_plain[~above].abs()).all()  # the penalty pushes a fallen chosen up harder
     assert torch.equal(g_dpop[above], g_plain[above])
+    # dpo_loss_sums (the trainer's entry) passes the term through: its loss sum is the sum of these losses (it
+    # takes the reference in fp32, as the cached table holds it: every reference value here is exact in fp32)
+    policy = losses.SeqLogps(torch.cat([pc, pr]).detach(), torch.full((8,), 3), torch.zeros(8))
+    total, _ = losses.dpo_loss_sums(policy, torch.cat([rc, rr]), beta, loss, eps if loss == "robust" else 0.0,
+                                    dpop_lambda=lam)
+    torch.testing.assert_close(total, want.sum().detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_dpo_positive_is_refused_where_it_has_no_meaning():
