@@ -278,3 +278,56 @@ def test_dpo_positive_is_refused_where_it_has_no_meaning():
     for loss in ("ipo", "simpo", "orpo", "kto"):
         with pytest.raises(losses.MinifTError, match=f"--dpop-lambda applies to .* not {loss}"):
             DPOConfig(loss=loss, dpop_lambda=1.0).check()
+
+
+def test_drop_shared_tail_keeps_the_span_where_the_answers_differ():
+    P = data.PrefExample
+    cut = data.drop_shared_tail(P([9], [1, 2, 7, 8], [3, 7, 8]))
+    assert (cut.chosen_ids, cut.rejected_ids) == ([1, 2], [3])
+    cut = data.drop_shared_tail(P([9], [1, 7, 8], [7, 8]))  # rejected is chosen's tail: one token stays in each
+    assert (cut.chosen_ids, cut.rejected_ids) == ([1, 7], [7])
+    same = P([9], [1, 2], [1, 3])
+    assert data.drop_shared_tail(same) is same  # nothing shared at the end: the pair as it was
+
+
+def test_drop_shared_tail_scores_the_differing_span_against_hf_fp64(adapted):
+    """The cut pairs' log-probs and DPO loss equal those of the full pairs' answers read by transformers in fp64 up
+    to the last differing token: the dropped tail changes nothing before it (causal attention)."""
+    model, hf_policy, hf_ref = adapted
+    tail = [5, 17, 33, 2]
+    full = [data.PrefExample(e.prompt_ids, e.chosen_ids + tail, e.rejected_ids + tail) for e in make_pairs()]
+    for e in full:  # the make_pairs answers end in different tokens, so the cut is exactly the tail
+        assert e.chosen_ids[-len(tail) - 1] != e.rejected_ids[-len(tail) - 1]
+    cut = [data.drop_shared_tail(e) for e in full]
+
+    def hf_span(hf, e, key):
+        """fp64 sum of log p over the answer's tokens before the tail, read from the full sequence's logits."""
+        ids = torch.tensor([e.prompt_ids + getattr(e, key)])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0].double(), -1)  # (T, V)
+        n = len(getattr(e, key)) - len(tail)
+        pos = torch.arange(len(e.prompt_ids) - 1, len(e.prompt_ids) - 1 + n)
+        return logp[pos, ids[0, pos + 1]].sum()
+
+    want = {k: torch.stack([hf_span(hf, e, key) for key in ("chosen_ids", "rejected_ids") for e in full])
+            for k, hf in (("policy", hf_policy), ("ref", hf_ref))}
+    batch = batching.dpo_batch(cut, LAYOUT_CONCAT)
+    with torch.no_grad():
+        got = losses.sequence_logps(model, batch).logps.double()
+        ref = Reference("adapters-off", model).logps(batch).double()
+    torch.testing.assert_close(got, want["policy"], rtol=1e-5, atol=1e-5)  # fp32 sums of ~10 terms against fp64
+    torch.testing.assert_close(ref, want["ref"], rtol=1e-5, atol=1e-5)
+    loss, _ = ours(model, cut, "sigmoid")
+    P = len(cut)
+    delta = (want["policy"][:P] - want["ref"][:P]) - (want["policy"][P:] - want["ref"][P:])
+    torch.testing.assert_close(loss.double(), -torch.nn.functional.logsigmoid(BETA * delta).mean(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_drop_shared_tail_is_refused_where_it_has_no_meaning():
+    from minift.train.train_config import DPOConfig
+
+    DPOConfig(loss="ipo", drop_shared_tail=True).check()
+    for over in ({"loss": "simpo"}, {"loss": "orpo"}, {"loss": "kto"}, {"sft_weight": 1.0}):
+        with pytest.raises(losses.MinifTError, match="--drop-shared-tail applies to"):
+            DPOConfig(drop_shared_tail=True, **over).check()

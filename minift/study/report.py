@@ -105,7 +105,7 @@ def fmt_p(p):
 def compute(cfg, ckpt_dir, seed_res):
     """Wall seconds and FLOPs (minift.study.flops) of each training arm of one seed."""
     from minift.model.config import ModelConfig
-    from minift.train.data import read_preferences, read_sft
+    from minift.train.data import drop_shared_tail, read_preferences, read_sft
     from minift.study.flops import Dims, run_flops
     from minift.train.losses import REFERENCE_FREE, UNPAIRED
     from minift.model.tokenizer import Tokenizer
@@ -125,6 +125,7 @@ def compute(cfg, ckpt_dir, seed_res):
             fl = run_flops(dims, sft=lens, examples_seen=seen)
         else:
             ex = read_preferences(r["data"], tok, tc["max_length"])
+            ex = [drop_shared_tail(e) for e in ex] if tc.get("drop_shared_tail") else ex
             lens = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in ex]
             # simpo / orpo: no reference pass. kto: a cached row per unpaired example (two per pair), and each
             # example's row [prompt | completion | y'] costs about what a pair's row costs

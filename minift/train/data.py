@@ -239,6 +239,21 @@ def truncate_pref(ex, max_length):
     return replace(ex, chosen_ids=c, rejected_ids=r)
 
 
+def drop_shared_tail(ex):
+    """The pair less the tokens that chosen and rejected share at their end (at least one token stays in each).
+
+    A causal model's log-probs of the earlier tokens do not depend on the dropped ones, so a pair's scores become
+    those of the span where the answers differ. Why: in a pair that differs in one phrase, the rejected answer's
+    correct tail (the same medication and follow-up sentences as the chosen's, after the wrong diagnosis) would
+    otherwise be pushed down with it. The shared prefix needs no such care: its tokens see the same context in
+    both answers, so their log-ratios cancel in the margin."""
+    c, r = ex.chosen_ids, ex.rejected_ids
+    n = 0
+    while n < min(len(c), len(r)) - 1 and c[-1 - n] == r[-1 - n]:
+        n += 1
+    return ex if n == 0 else replace(ex, chosen_ids=c[:len(c) - n], rejected_ids=r[:len(r) - n])
+
+
 def _read(path, convert, truncate, max_length, skip_bad_rows, stats):
     path = Path(path)
     if not path.exists():

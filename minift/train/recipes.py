@@ -4,7 +4,7 @@ from minift.train import distributed
 
 from minift.model import lora
 from minift.train.batching import dpo_batch, sft_batch
-from minift.train.data import read_preferences, read_sft
+from minift.train.data import drop_shared_tail, read_preferences, read_sft
 from minift.train.launch import attach_lora, ckpt_dir, ckpt_name, finish, setup, split
 from minift.train.losses import REFERENCE_FREE, UNPAIRED, dpo_loss_sums, sequence_logps, sft_loss_sum
 from minift.train.reference import Reference, key_parts
@@ -75,10 +75,13 @@ def run_dpo(cfg):
         return run_pref(cfg)
     model, tok, device = setup(cfg)
     data, train, held = split(cfg, read_preferences, tok)
+    if cfg.drop_shared_tail:  # each pair scored on the span where its answers differ
+        train, held = [drop_shared_tail(e) for e in train], [drop_shared_tail(e) for e in held]
     attach_lora(cfg, model, keep_reference=True)  # after SFT: a frozen copy of the SFT adapter is the reference
     wrapped = distributed.wrap(model, ckpt_dir(cfg))  # torchrun: DDP or FSDP2; else the model itself
     parts = key_parts(data, ckpt_dir(cfg), max_length=cfg.max_length, eval_data=cfg.eval_data,
-                      eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any")
+                      eval_fraction=cfg.eval_fraction, seed=cfg.seed, layout="any",
+                      drop_shared_tail=cfg.drop_shared_tail)
     reference = Reference(cfg.ref, model, out_dir=cfg.out, key_parts=parts)
     recipe = DPORecipe(reference, cfg.layout, tok.pad_id, device, beta=cfg.beta, loss_type=cfg.loss,
                        label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight,

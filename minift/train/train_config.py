@@ -116,6 +116,9 @@ class DPOConfig(TrainConfig):
     sft_weight: float = opt(0.0, "weight of an added NLL loss on the chosen completion (simpo: TRL's cpo_alpha)", ge=0)
     dpop_lambda: float = opt(0.0, "DPO-Positive (Pal et al. 2024): margin lost per nat that a chosen answer falls below "
                              "the reference (sigmoid, hinge, robust)", ge=0)
+    drop_shared_tail: bool = opt(False, "score each pair up to the last token where chosen and rejected differ: the "
+                                 "tokens they share at the end are left out of both (sigmoid, hinge, robust, ipo; "
+                                 "not with --sft-weight, whose NLL would then miss the chosen answer's tail)")
     gamma: float = opt(0.5, "simpo: target reward margin (the loss is -logsig(beta (a_w - a_l) - gamma), a = mean "
                        "log-prob per token)", ge=0)
     orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term beside the chosen NLL (TRL's beta)", ge=0)
@@ -144,6 +147,9 @@ class DPOConfig(TrainConfig):
             raise MinifTError("--ref adapter needs --adapter DIR (the adapter to use as the reference)")
         if self.dpop_lambda and self.loss not in ("sigmoid", "hinge", "robust"):
             raise MinifTError(f"--dpop-lambda applies to --loss sigmoid, hinge or robust, not {self.loss}")
+        if self.drop_shared_tail and (self.loss not in ("sigmoid", "hinge", "robust", "ipo") or self.sft_weight):
+            raise MinifTError("--drop-shared-tail applies to --loss sigmoid, hinge, robust or ipo without --sft-weight"
+                              f" (got --loss {self.loss}, --sft-weight {self.sft_weight})")
         return self
 
 
