@@ -25,10 +25,11 @@ from minift.study.config import METHODS, train_config
 # The search spaces: the settings the literature and our own runs say matter, at values around each default.
 # SFT: the LoRA learning rate and the passes over the data. DPO: the learning rate, beta (the pull toward the
 # reference), and the two published remedies for likelihood displacement: an NLL term on the chosen answers
-# (RPO, sft_weight) and DPO-Positive (dpop_lambda). The DPO space is the second round's (docs/study.md): the
-# first round's lr 1e-5 and 2e-5 and beta 0.05 did not train or scored lowest on validation.
+# (RPO, sft_weight) and DPO-Positive (dpop_lambda). Each space is its arm's last round (docs/study.md): SFT's
+# second, past the first round's pick lr 4e-4 at the edge of lr 1e-4 to 4e-4, 2-3 epochs; DPO's second and
+# third, without the first round's lr 1e-5 and 2e-5 and beta 0.05 that did not train or scored lowest.
 SPACES = {
-    "sft": {"lr": [1e-4, 2e-4, 4e-4], "epochs": [2.0, 3.0]},
+    "sft": {"lr": [4e-4, 6e-4, 8e-4], "epochs": [3.0, 4.0]},
     "dpo": {"lr": [5e-5, 1e-4], "beta": [0.1, 0.2], "sft_weight": [0.0, 1.0], "dpop_lambda": [0.0, 10.0, 50.0]},
     "simpo": {"lr": [5e-6, 1e-5, 5e-5], "beta": [1.0, 2.0, 2.5], "gamma": [0.3, 0.5, 1.0]},
     "orpo": {"lr": [1e-4, 2e-4, 4e-4], "orpo_lambda": [0.05, 0.1, 0.2]},
