@@ -152,7 +152,7 @@ def test_prefixed_flags_and_config_file(tmp_path):
 
 
 def test_each_design_sets_its_own_defaults_and_flags_win(tmp_path):
-    # per task: SFT one epoch, DPO with the chosen NLL term; mixed: its tuned settings (SFT three epochs, DPO without NLL)
+    # per task: SFT one epoch, otherwise the mixed design's tuned settings (SFT three epochs, DPO without NLL)
     def settings(argv):
         cfg = parse_args(argv)
         sft = train_config(cfg, METHODS["sft"], 0, tmp_path / "d.jsonl", tmp_path / "s", None)
@@ -160,8 +160,8 @@ def test_each_design_sets_its_own_defaults_and_flags_win(tmp_path):
         return sft.epochs, dpo.sft_weight, dpo.epochs
     assert settings([]) == (3.0, 0.0, 1.0)
     assert settings(["--dpo.sft-weight", "1"]) == (3.0, 1.0, 1.0)
-    assert settings(["--per-task"]) == (1.0, 1.0, 1.0)
-    assert settings(["--per-task", "--dpo.sft-weight", "0", "--sft.epochs", "2"]) == (2.0, 0.0, 1.0)
+    assert settings(["--per-task"]) == (1.0, 0.0, 1.0)
+    assert settings(["--per-task", "--dpo.sft-weight", "1", "--sft.epochs", "2"]) == (2.0, 1.0, 1.0)
 
 
 def test_phase_lock_waits_for_a_live_process_and_clears_a_dead_ones(tmp_path):

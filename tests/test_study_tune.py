@@ -54,6 +54,19 @@ def test_trials_start_from_the_default_and_draw_the_rest_reproducibly():
         assert {t[k] for t in a[:len(values)]} == set(values), k
 
 
+def test_the_per_task_design_tunes_sft_over_one_pass_from_its_own_default():
+    # its SFT trains once over a task's rows (time), so its space is the learning rate at one epoch; the
+    # default (trial 0) is a point of that space and the mixed design's picks for everything else
+    cfg = StudyConfig(per_task=True, tune=True)
+    space = tune.spaces(cfg)
+    assert space["sft"]["epochs"] == [1.0] and space["dpo"] == SPACES["dpo"]
+    sft = trial_settings(cfg, METHODS["sft"], space["sft"], 3, seed=0)
+    assert sft[0] == {"lr": TUNED_MIXED["sft"]["lr"], "epochs": 1.0}
+    assert sorted(t["lr"] for t in sft) == sorted(space["sft"]["lr"])
+    dpo = trial_settings(cfg, METHODS["dpo"], space["dpo"], 2, seed=0)
+    assert dpo[0] == TUNED_MIXED["dpo"]
+
+
 def test_a_preference_trial_that_did_not_train_is_not_a_candidate():
     # the best score among the trials whose held-out margin reached the bar; none reached it: the best of all
     assert best([{"score": 0.55, "trained": False}, {"score": 0.52, "trained": True},

@@ -39,12 +39,12 @@ METHODS = {"sft": Method("sft", "base", "sft"), "dpo": Method("dpo", "sft", "pre
 # round (lr 4e-4 to 8e-4, 3-4 epochs): 0.647 at lr 8e-4, 3 epochs, over 0.594 for the first round's lr 4e-4.
 # DPO, third round (the second round's space, from that SFT): 0.669 at lr 1e-4, beta 0.2, no NLL, dpop_lambda 10
 # (held-out margin 6.4 nats), the best of the trials whose margin reached 2 nats, as in the second round.
-# Per task: each task's 270 rows once (3 epochs x 4 tasks would take the design past an hour),
-# and DPO with the chosen answers' NLL (TRL's rpo_alpha): without it, DPO on one task's pairs from that one-epoch
-# SFT displaced the chosen answers (classification's answers moved to one label on its eval split).
 TUNED_MIXED = {"sft": {"lr": 8e-4, "epochs": 3.0}, "dpo": {"lr": 1e-4, "beta": 0.2, "sft_weight": 0.0,
                                                                "dpop_lambda": 10.0}}
-DESIGN_DEFAULTS = {"mixed": TUNED_MIXED, "per_task": {"sft": {"epochs": 1.0}, "dpo": {"sft_weight": 1.0}}}
+# Per task: each task's 270 rows once (3 epochs x 4 tasks would take the design past an hour), otherwise the
+# mixed design's picks carried over; they are the first trial of the per-task tuning (tune.PER_TASK_SPACES).
+PER_TASK = {"sft": {**TUNED_MIXED["sft"], "epochs": 1.0}, "dpo": dict(TUNED_MIXED["dpo"])}
+DESIGN_DEFAULTS = {"mixed": TUNED_MIXED, "per_task": PER_TASK}
 
 
 def design_defaults(cfg, method: Method) -> dict:

@@ -35,6 +35,9 @@ SPACES = {
     "orpo": {"lr": [1e-4, 2e-4, 4e-4], "orpo_lambda": [0.05, 0.1, 0.2]},
     "kto": {"lr": [1e-5, 5e-5, 1e-4], "beta": [0.1, 0.2]},
 }
+# The per-task design trains SFT for one pass of a task's 270 rows (config.PER_TASK), so its SFT space is the
+# learning rate alone; the other arms search the spaces above.
+PER_TASK_SPACES = {**SPACES, "sft": {"lr": [2e-4, 4e-4, 8e-4], "epochs": [1.0]}}
 TRIALS = 4  # per arm: the default and three drawn (two SFT + one DPO arm ~1 h on 2 cores, docs/study.md)
 
 
@@ -65,7 +68,7 @@ def spaces(cfg) -> dict:
             raise MinifTError(f"--tune-space: the arm {arm!r} is not in --methods ({cfg.methods})")
     out = {}
     for name, m in arms.items():
-        space = own.get(name, SPACES.get(name))
+        space = own.get(name, (PER_TASK_SPACES if cfg.per_task else SPACES).get(name))
         where = f"--tune-space {cfg.tune_space}: {name}" if name in own else f"the {name} space"
         if not isinstance(space, dict) or not space:
             raise MinifTError(f"{where}: empty search space (give {{setting: [values]}})")
